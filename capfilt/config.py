@@ -160,9 +160,252 @@ BEAM_EVAL_SAMPLING = CaptionSampling(method="beam", num_beams=3, max_length=20, 
 
 # === data sections ===
 
+# BLIP's (CLIP's) normalisation, the same as transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ReaderConfig(Section):
+    """Where input pairs are and how to read them (capfilt/data/shards.py)."""
+
+    format: Literal["parquet", "webdataset", "folder"] = Field(
+        "parquet", description="img2dataset parquet, webdataset tars, or captions CSV/JSONL files beside images"
+    )
+    paths: str | list[str] | None = Field(
+        None,
+        description="files, globs and brace lists ({00000..00009}.parquet, {a,b}); local, s3://, gs://; "
+        "for 'folder' the captions files",
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options, e.g. {endpoint_url, key, secret} for S3"
+    )
+    batch_size: int = Field(256, gt=0, description="rows per record batch")
+    caption_column: str = "caption"
+    image_column: str | None = Field(None, description="None: whichever of jpg/png/webp the shard has")
+    key_column: str | None = Field("key", description="None, or absent from a shard: derive keys from file and row")
+    columns: list[str] | None = Field(None, description="extra input columns to carry through; None: all")
+    image_path_column: str = Field("image", description="folder: the column with image paths")
+    images_root: str | None = Field(None, description="folder: base of relative image paths; None: the captions file's folder")
+    webdataset_sidecar: bool = Field(
+        True, description="webdataset: add the failed rows img2dataset keeps only in the {shard}.parquet beside the tar"
+    )
+
+
+class ImageConfig(Section):
+    """Decoding limits and model-input preprocessing (capfilt/data/images.py)."""
+
+    # 8192 x 8192: below Pillow's own warning threshold (~89.5 M pixels), so this check is the one that fires.
+    max_pixels: int = Field(8192 * 8192, gt=0, description="reject images whose header declares more pixels")
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    train_scale: tuple[float, float] = Field(
+        (0.5, 1.0), description="RandomResizedCrop area range; BLIP pretraining uses (0.2, 1.0)"
+    )
+    hflip_p: float = Field(0.5, ge=0.0, le=1.0)
+    randaugment_ops: int = Field(2, ge=0)
+    randaugment_magnitude: int = Field(5, ge=0, le=10, description="of 10, as BLIP's RandomAugment(2, 5)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ImageConfig":
+        low, high = self.train_scale
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"train_scale {self.train_scale} must satisfy 0 < low <= high <= 1")
+        return self
+
+
+class IngestConfig(Section):
+    """Download a URL list with img2dataset into Parquet shards (capfilt/stages/ingest.py)."""
+
+    url_list: str = Field(description="a URL file or a folder of them (local, s3://, gs://)")
+    input_format: Literal[
+        "txt", "txt.gz", "csv", "csv.gz", "tsv", "tsv.gz", "json", "json.gz", "jsonl", "jsonl.gz", "parquet"
+    ] = "csv"
+    url_col: str = "url"
+    caption_col: str | None = "caption"
+    save_additional_columns: list[str] = Field(default_factory=list, description="input columns kept in the shards")
+    output_format: Literal["parquet", "webdataset"] = "parquet"
+    image_size: int = Field(384, gt=0, description="BLIP fine-tunes and captions at 384 px")
+    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = Field(
+        "keep_ratio", description="keep_ratio: shorter side to image_size, no crop, so training can still crop"
+    )
+    resize_only_if_bigger: bool = True
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = Field(95, ge=1, le=100)
+    number_sample_per_shard: int = Field(10_000, gt=0)
+    processes_count: int = Field(1, gt=0)
+    thread_count: int = Field(32, gt=0)
+    timeout_s: int = Field(10, gt=0)
+    retries: int = Field(0, ge=0)
+    min_image_size: int = Field(0, ge=0)
+    max_aspect_ratio: float | None = Field(None, gt=0, description="None: no limit")
+    user_agent_token: str | None = None
+    disallowed_header_directives: list[str] | None = Field(
+        None, description="None: img2dataset's default (honour noai, noimageai, noindex, noimageindex)"
+    )
+
 
 # --------------------------------------------------------------------------------------------------
 # The generated world -- capfilt/data/world.py
 # --------------------------------------------------------------------------------------------------
 
 # === world sections ===
+
+
+class NoiseFractions(Section):
+    """Fractions of web captions per noise type; the rest (``clean``) are correct web captions.
+
+    Counts are exact per split (largest-remainder rounding), not drawn per row.
+    """
+
+    mismatched: float = Field(0.15, ge=0.0, le=1.0, description="a correct caption of another scene")
+    hard_attribute: float = Field(0.10, ge=0.0, le=1.0, description="one colour, shape or size wrong")
+    hard_relation: float = Field(0.06, ge=0.0, le=1.0, description="one relation flipped (left/right, above/below)")
+    boilerplate: float = Field(0.06, ge=0.0, le=1.0, description="alt-text like 'IMG_2041.jpg', 'click to enlarge'")
+    truncated: float = Field(0.04, ge=0.0, le=1.0, description="a caption cut mid-phrase ('red circle left of a')")
+    vague: float = Field(0.04, ge=0.0, le=1.0, description="no checkable object ('some shapes', 'abstract art')")
+
+    @model_validator(mode="after")
+    def _check(self) -> "NoiseFractions":
+        total = sum(self.model_dump().values())
+        if total > 1.0 + 1e-9:
+            raise ValueError(f"noise fractions sum to {total:.4f}, more than 1")
+        return self
+
+    @property
+    def clean(self) -> float:
+        return max(0.0, 1.0 - sum(self.model_dump().values()))
+
+
+class WorldConfig(Section):
+    """The generated world: shapes on textured backgrounds with known truth (capfilt/data/world).
+
+    Defaults are sized for the CPU demo (a tiny MED pretrains on them in minutes).
+    """
+
+    seed: int = Field(0, description="same config and seed give byte-identical Parquet shards")
+    num_web: int = Field(4000, ge=0, description="web pairs (rows), noisy and failed rows included")
+    num_human: int = Field(1000, ge=0, description="human-annotated images (COCO's role)")
+    num_test: int = Field(250, ge=0, description="held-out test images for retrieval and captioning eval")
+    captions_per_human_image: int = Field(1, ge=1, description="human captions per human image")
+    captions_per_test_image: int = Field(5, ge=1, description="reference captions per test image (COCO has 5)")
+    image_size: int = Field(96, ge=32, le=1024, description="rendered side in pixels")
+    jpeg_quality: int = Field(90, ge=1, le=100)
+    rows_per_shard: int = Field(1000, ge=1, description="img2dataset's number_sample_per_shard")
+    min_objects: int = Field(1, ge=1, le=4)
+    max_objects: int = Field(3, ge=1, le=4)
+    duplicate_probability: float = Field(
+        0.25, ge=0.0, le=1.0, description="chance a new object repeats an earlier one's colour and shape (counts)"
+    )
+    noise: NoiseFractions = NoiseFractions()
+    failed_rows: int = Field(4, ge=0, description="web rows kept as status failed_to_download with no bytes")
+    corrupt_rows: int = Field(4, ge=0, description="web rows with status success but undecodable bytes")
+
+    @model_validator(mode="after")
+    def _check(self) -> "WorldConfig":
+        if self.min_objects > self.max_objects:
+            raise ValueError(f"min_objects {self.min_objects} exceeds max_objects {self.max_objects}")
+        if self.failed_rows + self.corrupt_rows > self.num_web:
+            raise ValueError(
+                f"failed_rows {self.failed_rows} + corrupt_rows {self.corrupt_rows} exceed num_web {self.num_web}"
+            )
+        if self.noise.hard_relation > 0 and self.max_objects < 2:
+            raise ValueError("hard_relation noise needs max_objects >= 2 (a relation needs two objects)")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# CapFilt -- capfilt/stages/capfilt.py
+# --------------------------------------------------------------------------------------------------
+
+
+class ModelRef(Section):
+    """A captioner or filter: a local directory or a hub id, as transformers' ``from_pretrained`` takes."""
+
+    path: str
+    revision: str | None = None
+    name: str | None = Field(None, description="id recorded in the output; default: the path")
+
+
+class CapFiltConfig(Section):
+    """Caption web images with nucleus sampling and keep the texts the ITM filter says match."""
+
+    web: ReaderConfig | None = Field(None, description="web pairs; None: the run's generated or ingested web shards")
+    human: ReaderConfig | None = Field(None, description="human pairs passed through unchanged, marked 'human'")
+    output: str | None = Field(None, description="output directory (local, s3://, gs://); None: inside the run dir")
+    output_storage_options: dict[str, Any] = Field(default_factory=dict)
+    captioners: list[ModelRef] = Field(
+        default_factory=list, description="K captions from each; empty: the run's fine-tuned captioner"
+    )
+    filters: list[ModelRef] = Field(
+        default_factory=list, description="several filters average their match probabilities; empty: the run's filter"
+    )
+    sampling: CaptionSampling = CaptionSampling()
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="keep a text iff softmax(ITM)[match] >= threshold")
+    keep_policy: Literal["threshold", "best_n"] = Field(
+        "threshold", description="threshold: every text at or above it; best_n: the best_n highest of those"
+    )
+    best_n: int = Field(1, ge=1)
+    score_web_text: bool = Field(True, description="False drops every web text and keeps only synthetic ones")
+    max_caption_words: int = Field(30, gt=0, description="pre_caption's word limit for web and synthetic texts")
+    max_text_length: int = Field(35, ge=2, description="tokens fed to the filter")
+    round: int = Field(0, ge=0, description="bootstrapping round; part of every row's sampling seed")
+    embed_images: bool = Field(False, description="write image bytes into pairs; default: a shard + row reference")
+    batch_size: int = Field(32, gt=0, description="images per actor call")
+    decode_batch_size: int = Field(64, gt=0, description="images per CPU decode batch")
+    max_pixels: int = Field(ImageConfig.model_fields["max_pixels"].default, gt=0, description="decompression-bomb limit")
+    actors: int | Literal["auto"] = Field("auto", description="auto: as many as the cluster's GPUs, or spare CPUs, allow")
+    gpus_per_actor: float = Field(1.0, gt=0.0, description="on clusters with GPUs; fractions share a GPU")
+    cpus_per_actor: float = Field(1.0, gt=0.0, description="on CPU-only clusters, and host CPUs beside a GPU")
+    reserve_cpus_for_reading: float = Field(
+        1.0, ge=0.0, description="CPUs the actor pool never takes, so read and decode tasks can run"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    rows_per_file: int = Field(100_000, gt=0, description="target rows per output file (whole input shards per file)")
+
+
+# --------------------------------------------------------------------------------------------------
+# The pipeline -- capfilt/runner.py
+# --------------------------------------------------------------------------------------------------
+
+
+class RayConfig(Section):
+    address: str | None = Field(None, description="an existing cluster (or RAY_ADDRESS); None: start a local one")
+    num_cpus: int | None = Field(None, gt=0, description="local cluster only; None: every core")
+    object_store_memory: int | None = Field(None, gt=0, description="bytes; local cluster only")
+
+
+class PipelineConfig(Section):
+    """A whole run: the sections present are the stages that run, in the order of STAGES in runner.py."""
+
+    name: str = "capfilt"
+    run_dir: str | None = Field(None, description="where every artifact goes; None: runs/<name> under the cwd")
+    ray: RayConfig = RayConfig()
+    synth: WorldConfig | None = None
+    ingest: IngestConfig | None = None
+    capfilt: CapFiltConfig | None = None
+
+
+def load_pipeline(path: str) -> PipelineConfig:
+    """Read a pipeline YAML (safely) and validate it; errors name every offending key."""
+    import yaml
+    from pydantic import ValidationError
+
+    with open(path, encoding="utf-8") as handle:
+        try:
+            data = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+            problems.append(f"  {key}: {item['msg']}" + (f" (got {item['input']!r})" if item["type"] != "missing" and not isinstance(item["input"], dict) else ""))
+        raise ConfigError(f"{path}: {len(problems)} invalid key(s):\n" + "\n".join(problems)) from None
+
+
+class ConfigError(ValueError):
+    """A pipeline file that does not validate; the message names each bad key."""
