@@ -151,7 +151,8 @@ class CaptionSampling(Section):
         return self
 
 
-BEAM_EVAL_SAMPLING = CaptionSampling(method="beam", num_beams=3, max_length=20, min_length=5)
+# The reference evaluates with beam search and no repetition penalty.
+BEAM_EVAL_SAMPLING = CaptionSampling(method="beam", num_beams=3, max_length=20, min_length=5, repetition_penalty=1.0)
 
 
 # --------------------------------------------------------------------------------------------------
