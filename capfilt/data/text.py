@@ -58,22 +58,41 @@ def clean_caption(value: object, max_words: int = 30) -> str:
 
 
 def train_tokenizer(corpus: Iterable[str], out_dir: str | Path, vocab_size: int = 4000, model_max_length: int = 512):
-    """Train an uncased WordPiece tokenizer on ``corpus`` and save it as a transformers tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """Build an uncased WordPiece tokenizer from ``corpus`` and save it as a transformers tokenizer.
+
+    The vocabulary is every character seen (alone and as a ``##`` continuation), then whole words by
+    frequency (ties broken alphabetically) up to ``vocab_size``, so any word still tokenizes. Unlike the
+    ``tokenizers`` WordPiece trainer, whose merge ties fall in hash order, the result is a function of
+    the corpus alone, which the same-seed-same-run promise needs.
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertTokenizerFast
 
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words: Counter[str] = Counter()
+    for text in corpus:
+        words.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
     specials = [PAD_TOKEN, "[UNK]", CLS_TOKEN, SEP_TOKEN, "[MASK]"]
-    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    characters = sorted({character for word in words for character in word})
+    vocab_list = specials + characters + [f"##{character}" for character in characters]
+    for word, _ in sorted(words.items(), key=lambda item: (-item[1], item[0])):
+        if len(vocab_list) >= vocab_size:
+            break
+        if len(word) > 1:
+            vocab_list.append(word)
+    vocab = {token: index for index, token in enumerate(vocab_list)}
+
+    backend = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizer
+    backend.pre_tokenizer = pre_tokenizer
     backend.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, min_frequency=1)
-    backend.train_from_iterator((pre_caption(text, max_words=10_000) for text in corpus), trainer=trainer)
-    cls_id, sep_id = backend.token_to_id(CLS_TOKEN), backend.token_to_id(SEP_TOKEN)
     backend.post_processor = processors.TemplateProcessing(
         single=f"{CLS_TOKEN}:0 $A:0 {SEP_TOKEN}:0",
         pair=f"{CLS_TOKEN}:0 $A:0 {SEP_TOKEN}:0 $B:1 {SEP_TOKEN}:1",
-        special_tokens=[(CLS_TOKEN, cls_id), (SEP_TOKEN, sep_id)],
+        special_tokens=[(CLS_TOKEN, vocab[CLS_TOKEN]), (SEP_TOKEN, vocab[SEP_TOKEN])],
     )
     tokenizer = BertTokenizerFast(tokenizer_object=backend, do_lower_case=True, model_max_length=model_max_length)
     tokenizer = _add_mode_tokens(tokenizer)

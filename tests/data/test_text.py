@@ -48,3 +48,19 @@ def test_ten_thousand_words_are_truncated_not_rejected():
 
 def test_word_limit_is_configurable():
     assert clean_caption("one two three four", max_words=2) == "one two"
+
+
+def test_trained_tokenizer_is_a_function_of_the_corpus(tmp_path):
+    from capfilt.data.text import load_tokenizer, train_tokenizer
+    from capfilt.models.tokens import special_ids
+
+    corpus = ["a red circle left of a blue square", "two green stars above a red circle", "click to enlarge"] * 5
+    first = train_tokenizer(corpus, tmp_path / "a", vocab_size=60)
+    second = train_tokenizer(list(reversed(corpus)), tmp_path / "b", vocab_size=60)
+    assert first.get_vocab() == second.get_vocab()
+    loaded = load_tokenizer(tmp_path / "a")
+    ids = special_ids(loaded)
+    assert ids["pad"] == 0 and loaded.bos_token == "[DEC]" and ids["enc"] == ids["dec"] + 1 == len(loaded) - 1
+    # Frequent words are whole tokens; unseen words still tokenize from characters.
+    assert loaded.tokenize("red circle") == ["red", "circle"]
+    assert "[UNK]" not in loaded.tokenize("cobalt")
