@@ -1,0 +1,3 @@
+from capfilt.cli import main
+
+main()

@@ -1,0 +1,682 @@
+"""CapFilt on Ray Data: caption web images, score every text with ITM, keep what matches.
+
+The stream, one way::
+
+    shard list ──► ReadAndDecode (CPU tasks) ──► CapFiltWorker (actor pool, GPU or CPU) ──► driver
+                   read a shard, split off bad     K captions per captioner, one vision      groups rows
+                   rows, decode + resize to uint8  pass per filter for all texts, keep       by shard, writes
+                                                   policy                                    whole shards
+
+Why one fused actor instead of a captioner pool feeding a filter pool: the resized pixels would cross
+the object store twice, the two pools would each need their own accelerator share and Ray Data does
+not pipeline two GPU stages well; fused, an image is normalised once and both models sit on one
+device with predictable memory.
+
+Every input row leaves the worker as exactly one result row (``outcome`` kept / filtered / rejected)
+carrying its texts, scores and decisions; the driver explodes results into ``pairs/`` and
+``rejects/`` and commits whole input shards (see :mod:`capfilt.data.output`), so counts reconcile
+exactly and a resumed run redoes only shards that no commit covers. A shard that cannot be read at
+all is recorded in the manifest with its error instead of failing the run.
+
+Synthetic captions depend only on (seed, key, round, caption index) (see
+:mod:`capfilt.inference.captioner`), so outputs do not depend on batch size, actor count or restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from capfilt.config import CapFiltConfig, CaptionSampling, ModelRef, ReaderConfig
+from capfilt.data.output import Commit, CommittedOutput
+
+WEB, HUMAN, SYNTHETIC = "web", "human", "synthetic"
+KEPT, FILTERED, REJECTED = "kept", "filtered", "rejected"
+MARKER_ROW = -1  # the end-of-shard record: carries the shard's row count or its read error
+
+# What crosses from the CPU tasks to the actors: one row per input row plus one end marker per shard.
+DECODED_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("role", pa.string()),
+        ("row", pa.int64()),
+        ("key", pa.string()),
+        ("source_key", pa.string()),
+        ("sha256", pa.string()),
+        ("caption", pa.string()),
+        ("extra", pa.string()),  # the input's other columns, as JSON
+        ("reason", pa.string()),  # a row-level reject (status, decode error) or the marker's shard error
+        ("detail", pa.string()),
+        ("pixels", pa.binary()),  # uint8 HxWx3, resized to the filter's input size
+        ("image", pa.binary()),  # original bytes, only when embed_images
+        ("shard_rows", pa.int64()),  # on the marker: rows the shard had
+    ]
+)
+
+_LIST_STR, _LIST_F64 = pa.list_(pa.string()), pa.list_(pa.float64())
+RESULT_SCHEMA = pa.schema(
+    [
+        *[DECODED_SCHEMA.field(name) for name in ("shard", "role", "row", "key", "source_key", "sha256", "extra")],
+        ("outcome", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("texts", _LIST_STR),
+        ("text_sources", _LIST_STR),
+        ("captioner_ids", _LIST_STR),
+        ("itm_probs", _LIST_F64),
+        ("itc_sims", _LIST_F64),
+        ("decisions", _LIST_STR),  # "kept" or the reason the text was dropped
+        ("image", pa.binary()),
+        ("shard_rows", pa.int64()),
+    ]
+)
+
+PAIRS_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("source_key", pa.string()),
+        ("text", pa.string()),
+        ("source", pa.string()),
+        ("itm_prob", pa.float64()),
+        ("itc_sim", pa.float64()),
+        ("captioner_id", pa.string()),
+        ("filter_id", pa.string()),
+        ("sampling", pa.string()),
+        ("round", pa.int64()),
+        ("sha256", pa.string()),
+        ("shard", pa.string()),
+        ("row", pa.int64()),
+        ("extra", pa.string()),
+        ("image", pa.binary()),
+    ]
+)
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("source_key", pa.string()),
+        ("text", pa.string()),
+        ("source", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("score", pa.float64()),
+        ("stage", pa.string()),
+        ("captioner_id", pa.string()),
+        ("round", pa.int64()),
+        ("shard", pa.string()),
+        ("row", pa.int64()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    url: str
+    role: str  # web | human
+    reader: dict[str, Any]  # a ReaderConfig dump, so the task is plain data
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU side: read a shard, split off bad rows, decode and resize
+# --------------------------------------------------------------------------------------------------
+
+
+def resize_uint8(image, image_size: int) -> np.ndarray:
+    """BLIP's test-time resize (bicubic, antialiased, square, no crop) kept in uint8 for transport."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as tvF
+
+    pixels = tvF.pil_to_tensor(image)
+    pixels = tvF.resize(pixels, [image_size, image_size], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    return pixels.permute(1, 2, 0).contiguous().numpy()
+
+
+class ReadAndDecode:
+    """Ray Data UDF over shard tasks (batch_size=1): yields decoded row tables, then the end marker."""
+
+    def __init__(self, image_size: int, max_pixels: int, decode_batch_size: int, embed_images: bool):
+        self.image_size = image_size
+        self.max_pixels = max_pixels
+        self.decode_batch_size = decode_batch_size
+        self.embed_images = embed_images
+
+    def __call__(self, tasks: dict[str, np.ndarray]) -> Iterator[pa.Table]:
+        for url, role, reader in zip(tasks["url"], tasks["role"], tasks["reader"]):
+            yield from self.read_shard(ShardTask(str(url), str(role), json.loads(reader)))
+
+    def read_shard(self, task: ShardTask) -> Iterator[pa.Table]:
+        from capfilt.data.shards import ShardError, make_reader
+
+        rows_seen = 0
+        try:
+            for rows in make_reader(ReaderConfig(**task.reader)).read_shard(task.url):
+                rows_seen += rows.num_rows
+                yield self.decode(rows, task)
+        except ShardError as error:
+            if rows_seen:
+                raise  # rows already went downstream: fail loudly rather than half-count a shard
+            yield _marker(task, rows=0, reason="shard_unreadable", detail=str(error))
+            return
+        yield _marker(task, rows=rows_seen)
+
+    def decode(self, rows: pa.Table, task: ShardTask) -> pa.Table:
+        from capfilt.data.images import DecodeError, decode_image
+
+        out = {name: [] for name in DECODED_SCHEMA.names}
+        extra_names = [name for name in rows.column_names if name not in NORMALISED_COLUMNS]
+        columns = rows.to_pydict()
+        for i in range(rows.num_rows):
+            reason = detail = pixels = None
+            if columns["status"][i] != "success":
+                # As capfilt.data.shards.split_by_status words it.
+                reason, detail = f"status: {columns['status'][i]}", columns["error_message"][i]
+            elif task.role == WEB:
+                try:
+                    image = decode_image(columns["image"][i], self.max_pixels)
+                    pixels = resize_uint8(image, self.image_size).tobytes()
+                except DecodeError as error:
+                    reason, detail = error.reason, error.detail
+            values = {name: columns[name][i] for name in ("row", "key", "source_key", "sha256", "caption")}
+            values.update(
+                shard=task.url,
+                role=task.role,
+                extra=json.dumps({name: columns[name][i] for name in extra_names}, default=str),
+                reason=reason,
+                detail=detail,
+                pixels=pixels,
+                image=columns["image"][i] if self.embed_images else None,
+                shard_rows=None,
+            )
+            for name in DECODED_SCHEMA.names:
+                out[name].append(values[name])
+        return pa.Table.from_pydict(out, schema=DECODED_SCHEMA)
+
+
+NORMALISED_COLUMNS = {"key", "source_key", "shard", "row", "image", "caption", "status", "error_message", "sha256"}
+
+
+def _marker(task: ShardTask, rows: int, reason: str | None = None, detail: str | None = None) -> pa.Table:
+    record = {name: [None] for name in DECODED_SCHEMA.names}
+    record.update(shard=[task.url], role=[task.role], row=[MARKER_ROW], shard_rows=[rows], reason=[reason], detail=[detail])
+    return pa.Table.from_pydict(record, schema=DECODED_SCHEMA)
+
+
+# --------------------------------------------------------------------------------------------------
+# Accelerator side: caption, score, decide
+# --------------------------------------------------------------------------------------------------
+
+
+def sampling_label(sampling: CaptionSampling) -> str:
+    """A compact, complete description of how synthetic captions were drawn, stored on every row."""
+    if sampling.method == "beam":
+        return f"beam:beams={sampling.num_beams},len={sampling.min_length}-{sampling.max_length},rep={sampling.repetition_penalty}"
+    return (
+        f"nucleus:top_p={sampling.nucleus_top_p},top_k={sampling.top_k},temperature={sampling.temperature},"
+        f"rep={sampling.repetition_penalty},len={sampling.min_length}-{sampling.max_length},"
+        f"k={sampling.num_captions},seed={sampling.seed},prompt={sampling.prompt!r}"
+    )
+
+
+def decide(probs: Sequence[float], threshold: float, keep_policy: str, best_n: int) -> list[str]:
+    """``kept`` or the drop reason for each scored text of one image."""
+    decisions = ["kept" if prob >= threshold else "itm_below_threshold" for prob in probs]
+    if keep_policy == "best_n":
+        ranked = sorted((i for i, d in enumerate(decisions) if d == "kept"), key=lambda i: (-probs[i], i))
+        for i in ranked[best_n:]:
+            decisions[i] = "not_in_best_n"
+    return decisions
+
+
+def resolve_device(dtype_name: str) -> tuple[str, Any]:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype_name == "auto":
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, dtype_name)
+    return device, dtype
+
+
+class CapFiltWorker:
+    """Captioners + filters on one device. Plain Python: Ray runs it as an actor, benchmarks call it."""
+
+    def __init__(self, config: dict[str, Any], captioners: list[dict], filters: list[dict], threads: int | None = None):
+        import torch
+
+        from capfilt.inference.captioner import Captioner
+        from capfilt.inference.scorer import Scorer
+        from capfilt.models.export import load_captioner, load_filter
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.config = CapFiltConfig(**config)
+        self.device, self.dtype = resolve_device(self.config.dtype)
+        self.captioners, self.filters = [], []
+        for ref in map(ModelRef.model_validate, captioners):
+            loaded = load_captioner(ref.path, revision=ref.revision, device=self.device, dtype=self.dtype)
+            captioner = Captioner(loaded.model, loaded.tokenizer, self.config.sampling, self.device, self.dtype)
+            self.captioners.append((model_id(ref, loaded.provenance), _preprocessing(loaded), captioner))
+        for ref in map(ModelRef.model_validate, filters):
+            loaded = load_filter(ref.path, revision=ref.revision, device=self.device, dtype=self.dtype)
+            scorer = Scorer(loaded.model, loaded.tokenizer, self.config.max_text_length, self.device, self.dtype)
+            self.filters.append((model_id(ref, loaded.provenance), _preprocessing(loaded), scorer))
+
+    def pixel_values(self, pixels: np.ndarray, processor: dict[str, Any]):
+        """uint8 [B,H,W,3] -> the model's normalised float input, resized if its size differs."""
+        import torch
+        import torch.nn.functional as F
+
+        images = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float()
+        size = processor["image_size"]
+        if images.shape[-1] != size or images.shape[-2] != size:
+            images = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        mean = torch.tensor(processor["mean"], device=self.device).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(processor["std"], device=self.device).view(1, 3, 1, 1) * 255.0
+        return ((images - mean) / std).to(self.dtype)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from capfilt.data.text import CaptionError, clean_caption, pre_caption
+
+        config = self.config
+        columns = batch.to_pydict()
+        n = batch.num_rows
+        results = {name: [] for name in RESULT_SCHEMA.names}
+        for name in ("shard", "role", "row", "key", "source_key", "sha256", "extra", "image", "shard_rows"):
+            results[name] = columns[name]
+        texts: list[list[str]] = [[] for _ in range(n)]
+        sources: list[list[str]] = [[] for _ in range(n)]
+        models: list[list[str | None]] = [[] for _ in range(n)]
+        decisions: list[list[str | None]] = [[] for _ in range(n)]
+        outcome: list[str | None] = [None] * n
+        reason, detail = list(columns["reason"]), list(columns["detail"])
+
+        def add(i: int, text: str | None, source: str, captioner: str | None, decision: str | None) -> None:
+            if decision is None and any(t == text and d is None for t, d in zip(texts[i], decisions[i])):
+                decision = "duplicate_text"
+            texts[i].append(text)
+            sources[i].append(source)
+            models[i].append(captioner)
+            decisions[i].append(decision)
+
+        scored = []  # rows whose image goes through the models
+        for i in range(n):
+            if columns["row"][i] == MARKER_ROW:
+                continue
+            if reason[i] is not None:
+                outcome[i] = REJECTED
+                continue
+            source = HUMAN if columns["role"][i] == HUMAN else WEB
+            try:
+                text = clean_caption(columns["caption"][i], config.max_caption_words)
+                decision = None if (source == HUMAN or config.score_web_text) else "web_text_excluded"
+                add(i, text, source, None, decision)
+            except CaptionError as error:
+                if source == HUMAN:
+                    outcome[i], reason[i], detail[i] = REJECTED, error.reason, error.detail
+                    continue
+                add(i, columns["caption"][i], source, None, error.reason)
+            if source == HUMAN:
+                decisions[i][0] = "kept"
+                outcome[i] = KEPT
+            else:
+                scored.append(i)
+
+        probs: dict[int, list] = {}
+        sims: dict[int, list] = {}
+        if scored:
+            pixels = np.stack([np.frombuffer(columns["pixels"][i], dtype=np.uint8) for i in scored])
+            side = math.isqrt(pixels.shape[1] // 3)
+            pixels = pixels.reshape(len(scored), side, side, 3)
+            keys = [columns["key"][i] for i in scored]
+            for captioner_id, processor, captioner in self.captioners:
+                captions = captioner.generate(self.pixel_values(pixels, processor), keys, round=config.round)
+                for i, image_captions in zip(scored, captions):
+                    for caption in image_captions:
+                        text = pre_caption(caption, config.max_caption_words)
+                        add(i, text, SYNTHETIC, captioner_id, None if text else "caption_empty")
+            probs, sims = self._score(scored, pixels, texts, decisions)
+            for i in scored:
+                outcome[i] = KEPT if "kept" in decisions[i] else FILTERED
+        results.update(
+            outcome=outcome,
+            reason=reason,
+            detail=detail,
+            texts=texts,
+            text_sources=sources,
+            captioner_ids=models,
+            decisions=decisions,
+            itm_probs=[probs.get(i, [None] * len(texts[i])) for i in range(n)],
+            itc_sims=[sims.get(i, [None] * len(texts[i])) for i in range(n)],
+        )
+        return pa.Table.from_pydict(results, schema=RESULT_SCHEMA)
+
+    def _score(self, scored: list[int], pixels: np.ndarray, texts, decisions) -> tuple[dict, dict]:
+        """Mean ITM probability and ITC similarity over the filters; sets each candidate's decision."""
+        config = self.config
+        candidates = [[j for j, d in enumerate(decisions[i]) if d is None] for i in scored]
+        prob_sum = [np.zeros(len(c)) for c in candidates]
+        sim_sum = [np.zeros(len(c)) for c in candidates]
+        for _, processor, scorer in self.filters:
+            scores = scorer.score(
+                self.pixel_values(pixels, processor),
+                [[texts[i][j] for j in c] for i, c in zip(scored, candidates)],
+            )
+            for r, image_scores in enumerate(scores):
+                prob_sum[r] += [score.itm_prob for score in image_scores]
+                sim_sum[r] += [score.itc_sim for score in image_scores]
+        probs, sims = {}, {}
+        for r, (i, c) in enumerate(zip(scored, candidates)):
+            mean_probs = (prob_sum[r] / len(self.filters)).tolist()
+            mean_sims = (sim_sum[r] / len(self.filters)).tolist()
+            probs[i], sims[i] = [None] * len(texts[i]), [None] * len(texts[i])
+            for t, (j, decision) in enumerate(zip(c, decide(mean_probs, config.threshold, config.keep_policy, config.best_n))):
+                decisions[i][j] = decision
+                probs[i][j], sims[i][j] = mean_probs[t], mean_sims[t]
+        return probs, sims
+
+
+def _preprocessing(loaded) -> dict[str, Any]:
+    return {"image_size": loaded.image_size, "mean": loaded.image_mean, "std": loaded.image_std}
+
+
+def model_id(ref: ModelRef, provenance: dict[str, Any]) -> str:
+    name = ref.name or ref.path
+    revision = ref.revision or provenance.get("revision") or provenance.get("weights_sha256", "")[:12]
+    return f"{name}@{revision}" if revision else name
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver side: whole shards in, committed Parquet out
+# --------------------------------------------------------------------------------------------------
+
+
+def explode(results: pa.Table, filter_id: str, sampling: str, round_: int) -> tuple[pa.Table, pa.Table]:
+    """Result rows (one per input row) -> pair rows (one per kept text) and reject rows."""
+    pairs = {name: [] for name in PAIRS_SCHEMA.names}
+    rejects = {name: [] for name in REJECTS_SCHEMA.names}
+    columns = results.to_pydict()
+    order = sorted(range(results.num_rows), key=lambda i: (columns["shard"][i], columns["row"][i]))
+    for i in order:
+        common = {"key": columns["key"][i], "source_key": columns["source_key"][i], "shard": columns["shard"][i], "row": columns["row"][i]}
+        if columns["outcome"][i] == REJECTED:
+            for name, value in {**common, "text": None, "source": columns["role"][i], "reason": columns["reason"][i],
+                                "detail": columns["detail"][i], "score": None, "stage": "read", "captioner_id": None,
+                                "round": round_}.items():
+                rejects[name].append(value)
+            continue
+        for text, source, captioner, prob, sim, decision in zip(
+            columns["texts"][i], columns["text_sources"][i], columns["captioner_ids"][i],
+            columns["itm_probs"][i], columns["itc_sims"][i], columns["decisions"][i],
+        ):
+            if decision == "kept":
+                row = {**common, "text": text, "source": source, "itm_prob": prob, "itc_sim": sim,
+                       "captioner_id": captioner, "filter_id": None if source == HUMAN else filter_id,
+                       "sampling": sampling if source == SYNTHETIC else None, "round": round_,
+                       "sha256": columns["sha256"][i], "extra": columns["extra"][i], "image": columns["image"][i]}
+                for name in PAIRS_SCHEMA.names:
+                    pairs[name].append(row[name])
+            else:
+                row = {**common, "text": text, "source": source, "reason": decision, "detail": None, "score": prob,
+                       "stage": "filter" if prob is not None else "caption", "captioner_id": captioner, "round": round_}
+                for name in REJECTS_SCHEMA.names:
+                    rejects[name].append(row[name])
+    return pa.Table.from_pydict(pairs, schema=PAIRS_SCHEMA), pa.Table.from_pydict(rejects, schema=REJECTS_SCHEMA)
+
+
+def shard_counts(results: pa.Table, shard_rows: int, error: str | None) -> dict[str, Any]:
+    """Per-shard accounting: rows by outcome, texts by decision; rows_in == kept + filtered + rejected."""
+    columns = results.to_pydict()
+    counts: dict[str, Any] = {"rows_in": shard_rows, KEPT: 0, FILTERED: 0, REJECTED: 0, "images_decoded": 0,
+                              "texts_scored": 0, "texts_kept": 0, "texts_dropped": 0, "reasons": {}}
+    if error:
+        counts["error"] = error
+    for i in range(results.num_rows):
+        outcome = columns["outcome"][i]
+        counts[outcome] += 1
+        if outcome == REJECTED:
+            reason = columns["reason"][i]
+            counts["reasons"][reason] = counts["reasons"].get(reason, 0) + 1
+            continue
+        if columns["role"][i] == WEB:
+            counts["images_decoded"] += 1
+        for prob, decision in zip(columns["itm_probs"][i], columns["decisions"][i]):
+            counts["texts_scored"] += prob is not None
+            if decision == "kept":
+                counts["texts_kept"] += 1
+            else:
+                counts["texts_dropped"] += 1
+                counts["reasons"][decision] = counts["reasons"].get(decision, 0) + 1
+    return counts
+
+
+class ShardAssembler:
+    """Collects result rows per input shard and commits shards once complete, ``rows_per_file`` at a time."""
+
+    def __init__(self, output: CommittedOutput, next_commit_id: int, rows_per_file: int, filter_id: str,
+                 sampling: str, round_: int):
+        self.output = output
+        self.commit_id = next_commit_id
+        self.rows_per_file = rows_per_file
+        self.labels = (filter_id, sampling, round_)
+        self.partial: dict[str, list[pa.Table]] = {}
+        self.expected: dict[str, tuple[int, str | None]] = {}
+        self.seen: dict[str, int] = {}
+        self.ready: list[tuple[str, pa.Table]] = []
+        self.committed: list[str] = []
+
+    def add(self, batch: pa.Table) -> None:
+        rows = batch.column("row").to_pylist()
+        shards = batch.column("shard").to_pylist()
+        markers = [i for i, row in enumerate(rows) if row == MARKER_ROW]
+        for i in markers:
+            self.expected[shards[i]] = (batch.column("shard_rows")[i].as_py(), batch.column("reason")[i].as_py() and
+                                        f"{batch.column('reason')[i].as_py()}: {batch.column('detail')[i].as_py()}")
+        data = batch.filter(pa.array([row != MARKER_ROW for row in rows])) if markers else batch
+        for shard in set(data.column("shard").to_pylist()):
+            part = data.filter(pa.compute.equal(data.column("shard"), shard))
+            self.partial.setdefault(shard, []).append(part)
+            self.seen[shard] = self.seen.get(shard, 0) + part.num_rows
+        for shard in set(shards):
+            self._maybe_complete(shard)
+        if sum(table.num_rows for _, table in self.ready) >= self.rows_per_file:
+            self.flush()
+
+    def _maybe_complete(self, shard: str) -> None:
+        if shard not in self.expected or self.seen.get(shard, 0) < self.expected[shard][0]:
+            return
+        if self.seen.get(shard, 0) > self.expected[shard][0]:
+            raise RuntimeError(f"{shard}: {self.seen[shard]} result rows for {self.expected[shard][0]} input rows")
+        tables = self.partial.pop(shard, [])
+        table = pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()
+        self.ready.append((shard, table))
+
+    def flush(self) -> None:
+        if not self.ready:
+            return
+        shards = {}
+        pair_tables, reject_tables = [], []
+        for shard, table in self.ready:
+            rows, error = self.expected[shard]
+            shards[shard] = shard_counts(table, rows, error)
+            pairs, rejects = explode(table, *self.labels)
+            pair_tables.append(pairs)
+            reject_tables.append(rejects)
+        files = []
+        for name, table in (("pairs", pa.concat_tables(pair_tables)), ("rejects", pa.concat_tables(reject_tables))):
+            for part, start in enumerate(range(0, max(table.num_rows, 1), self.rows_per_file)):
+                relative = f"{name}/part-{self.commit_id:05d}-{part:03d}.parquet"
+                self.output.write_table(relative, table.slice(start, self.rows_per_file))
+                files.append(relative)
+        self.output.commit(Commit(self.commit_id, shards, files))
+        self.committed.extend(shards)
+        self.commit_id += 1
+        self.ready = []
+
+    def pending(self) -> list[str]:
+        return sorted(set(self.partial) | {s for s in self.expected if s not in self.committed and s not in dict(self.ready)})
+
+
+def actor_pool(config: CapFiltConfig, resources: dict[str, float]) -> dict[str, Any]:
+    """Actor count and per-actor resources from the cluster, never taking the CPUs reads need."""
+    gpus = resources.get("GPU", 0.0)
+    if gpus >= config.gpus_per_actor:
+        room = int(gpus // config.gpus_per_actor)
+        per_actor = {"num_gpus": config.gpus_per_actor, "num_cpus": min(config.cpus_per_actor, 1.0)}
+        where = f"{gpus:g} GPUs at {config.gpus_per_actor:g} per actor"
+    else:
+        spare = resources.get("CPU", 0.0) - config.reserve_cpus_for_reading
+        room = int(spare // config.cpus_per_actor) if spare > 0 else 0
+        per_actor = {"num_cpus": config.cpus_per_actor}
+        where = (f"{resources.get('CPU', 0):g} CPUs, {config.reserve_cpus_for_reading:g} reserved for reading, "
+                 f"{config.cpus_per_actor:g} per actor")
+    if room < 1:
+        raise ValueError(f"capfilt.actors: no room for an actor on this cluster ({where}); "
+                         "lower capfilt.cpus_per_actor or capfilt.reserve_cpus_for_reading")
+    actors = room if config.actors == "auto" else config.actors
+    if actors > room:
+        raise ValueError(f"capfilt.actors: {actors} requested but the cluster fits {room} ({where})")
+    threads = max(1, int(per_actor["num_cpus"])) if "num_gpus" not in per_actor else None
+    return {"actors": actors, "threads": threads, **per_actor}
+
+
+def image_settings(ref: ModelRef) -> dict[str, Any]:
+    from capfilt.models.export import read_image_processor
+
+    return read_image_processor(ref.path, revision=ref.revision)
+
+
+def fingerprint(config: CapFiltConfig, shards: list[ShardTask], provenance: dict[str, Any]) -> dict[str, Any]:
+    """What determines the output. Batch sizes, actor counts and file sizes do not, so they may change on resume."""
+    ignored = {"batch_size", "decode_batch_size", "actors", "gpus_per_actor", "cpus_per_actor",
+               "reserve_cpus_for_reading", "rows_per_file", "output", "output_storage_options"}
+    settings = config.model_dump(mode="json", exclude=ignored)
+    settings.pop("web", None), settings.pop("human", None)
+    return {"capfilt": settings, "inputs": [[task.role, task.url] for task in shards], "models": provenance}
+
+
+def plan(config: CapFiltConfig) -> list[ShardTask]:
+    from capfilt.data.shards import expand_paths
+
+    tasks = []
+    for role, reader in ((WEB, config.web), (HUMAN, config.human)):
+        if reader is None:
+            continue
+        reader_dump = reader.model_dump(mode="json")
+        for url in expand_paths(reader.paths, reader.storage_options):
+            tasks.append(ShardTask(url, role, reader_dump))
+    if not tasks:
+        raise ValueError("capfilt.web: no input shards configured")
+    return tasks
+
+
+def run_capfilt(config: CapFiltConfig, output: str, log=print) -> dict[str, Any]:
+    """Run (or resume) CapFilt into ``output``; returns the manifest."""
+    import ray
+
+    if not config.captioners or not config.filters:
+        raise ValueError("capfilt.captioners and capfilt.filters: at least one of each is needed")
+    started = time.time()
+    tasks = plan(config)
+    provenance = {"captioners": [provenance_of(ref, "captioner") for ref in config.captioners],
+                  "filters": [provenance_of(ref, "filter") for ref in config.filters]}
+    out = CommittedOutput(output, config.output_storage_options)
+    out.claim(fingerprint(config, tasks, provenance))
+    next_id = out.recover(["pairs", "rejects"])
+    done = out.done_shards()
+    todo = [task for task in tasks if task.url not in done]
+    filter_id = "+".join(p["id"] for p in provenance["filters"])
+    label = sampling_label(config.sampling)
+    if todo:
+        log(f"capfilt: {len(todo)} of {len(tasks)} input shards to process into {output}")
+        if not ray.is_initialized():
+            ray.init()
+        pool = actor_pool(config, ray.cluster_resources())
+        image_size = image_settings(config.filters[0])["image_size"]
+        worker_config = config.model_dump(mode="json")
+        items = [{"url": t.url, "role": t.role, "reader": json.dumps(t.reader)} for t in todo]
+        dataset = (
+            ray.data.from_items(items, override_num_blocks=len(items))
+            .map_batches(ReadAndDecode, batch_size=1, batch_format="numpy", num_cpus=1, concurrency=(1, len(items)),
+                         fn_constructor_kwargs={"image_size": image_size, "max_pixels": config.max_pixels,
+                                                "decode_batch_size": config.decode_batch_size,
+                                                "embed_images": config.embed_images})
+            .map_batches(CapFiltWorker, batch_size=config.batch_size, batch_format="pyarrow",
+                         concurrency=pool["actors"], num_cpus=pool["num_cpus"], num_gpus=pool.get("num_gpus", 0),
+                         fn_constructor_kwargs={"config": worker_config,
+                                                "captioners": [r.model_dump() for r in config.captioners],
+                                                "filters": [r.model_dump() for r in config.filters],
+                                                "threads": pool["threads"]})
+        )
+        assembler = ShardAssembler(out, next_id, config.rows_per_file, filter_id, label, config.round)
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            assembler.add(batch)
+        assembler.flush()
+        if assembler.pending():
+            raise RuntimeError(f"capfilt: shards did not complete: {assembler.pending()[:5]}")
+    manifest = build_manifest(out, tasks, provenance, label, started)
+    out.finish(manifest)
+    return manifest
+
+
+def provenance_of(ref: ModelRef, role: str) -> dict[str, Any]:
+    from capfilt.models.export import model_provenance
+
+    record = model_provenance(ref.path, revision=ref.revision)
+    return {"role": role, "id": model_id(ref, record), **record}
+
+
+def build_manifest(out: CommittedOutput, tasks: list[ShardTask], provenance: dict, sampling: str, started: float) -> dict:
+    from capfilt.provenance import library_versions
+
+    shards = {}
+    for commit in out.commits():
+        shards.update(commit.shards)
+    totals: dict[str, Any] = {}
+    for counts in shards.values():
+        for name, value in counts.items():
+            if name == "reasons":
+                merged = totals.setdefault("reasons", {})
+                for reason, count in value.items():
+                    merged[reason] = merged.get(reason, 0) + count
+            elif isinstance(value, int):
+                totals[name] = totals.get(name, 0) + value
+    fingerprint_record = json.loads(out.fs.cat_file(out.path("_capfilt.json")))
+    return {
+        "shards": shards,
+        "totals": totals,
+        "unreadable_shards": sorted(s for s, c in shards.items() if c.get("error")),
+        "config_hash": fingerprint_record["hash"],
+        "models": provenance,
+        "sampling": sampling,
+        "libraries": library_versions(),
+        "finished_at": time.time(),
+        "seconds_this_run": time.time() - started,
+        "roles": {t.url: t.role for t in tasks},
+    }
+
+
+def resolve_inputs(config: CapFiltConfig, run) -> CapFiltConfig:
+    """Fill what the pipeline left to earlier stages: web and human shards, the fine-tuned models."""
+    update: dict[str, Any] = {}
+    if config.web is None:
+        if "ingest" in run.outputs:
+            update["web"] = ReaderConfig(paths=f"{run.outputs['ingest']['web']}/*.parquet")
+        elif "synth" in run.outputs:
+            update["web"] = ReaderConfig(paths=f"{run.outputs['synth']['web']}/*.parquet")
+        else:
+            raise ValueError("capfilt.web: not set, and no synth or ingest stage in this pipeline provides web shards")
+    if config.human is None and "synth" in run.outputs:
+        update["human"] = ReaderConfig(paths=f"{run.outputs['synth']['human']}/*.parquet")
+    for role, stage in (("captioners", "finetune_captioner"), ("filters", "finetune_filter")):
+        if not getattr(config, role):
+            if stage not in run.outputs:
+                raise ValueError(f"capfilt.{role}: none named, and no {stage} stage in this pipeline trains one")
+            update[role] = [ModelRef(path=run.outputs[stage]["model"])]
+    return config.model_copy(update=update)
