@@ -134,3 +134,90 @@ def test_resume_after_the_driver_is_killed(baseline, small_world, tiny_models, t
     assert _rows(str(killed)) == _rows(output)
     keys = pq.read_table(killed / "pairs", columns=["shard", "row", "text", "source"]).to_pylist()
     assert len(keys) == len({tuple(k.values()) for k in keys})  # no duplicates
+
+
+def _actor_pids(marker: str = "CapFiltWorker") -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                command = handle.read().decode(errors="replace")
+        except OSError:
+            continue
+        if command.startswith("ray::") and marker in command:
+            pids.append(int(entry))
+    return pids
+
+
+def test_resume_after_an_actor_process_is_killed(baseline, small_world, tiny_models, tmp_path):
+    import threading
+
+    output, _ = baseline
+    target = str(tmp_path / "actor-killed")
+    result = {}
+
+    def run():
+        try:
+            result["manifest"] = run_capfilt(_config(small_world, tiny_models, batch_size=1, rows_per_file=1), target)
+        except BaseException as error:  # noqa: BLE001 -- reported below
+            result["error"] = error
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + 240
+    killed = []
+    while time.time() < deadline and not killed:
+        if (Path(target) / "_commits").exists():
+            for pid in _actor_pids():
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        time.sleep(0.05)
+    thread.join(timeout=300)
+    assert killed, "no CapFilt actor process was found to kill"
+    assert not thread.is_alive()
+    if "error" in result:
+        # Ray gave up on the actor: the rerun must finish the job without duplicates.
+        result["manifest"] = run_capfilt(_config(small_world, tiny_models), target)
+    assert (Path(target) / "_SUCCESS").exists()
+    assert _rows(target) == _rows(output)
+
+
+def test_s3_input_and_output_on_a_real_s3_protocol_server(baseline, small_world, tiny_models):
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    output, _ = baseline
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                          region_name="us-east-1")
+        s3.create_bucket(Bucket="capfilt")
+        for split in ("web", "human"):
+            for path in small_world.shards[split]:
+                s3.upload_file(str(path), "capfilt", f"world/{split}/{Path(path).name}")
+        config = _config(
+            small_world, tiny_models,
+            web=ReaderConfig(paths="s3://capfilt/world/web/*.parquet", storage_options=options),
+            human=ReaderConfig(paths="s3://capfilt/world/human/{00000..00001}.parquet", storage_options=options),
+            output_storage_options=options,
+        )
+        manifest = run_capfilt(config, "s3://capfilt/out")
+        names = {item["Key"] for item in s3.list_objects_v2(Bucket="capfilt", Prefix="out/")["Contents"]}
+        assert "out/_SUCCESS" in names and "out/manifest.json" in names
+        assert manifest["totals"]["rows_in"] == sum(pq.read_metadata(p).num_rows for s in ("web", "human") for p in small_world.shards[s])
+        import s3fs
+
+        fs = s3fs.S3FileSystem(**options)
+        pairs = pq.read_table("capfilt/out/pairs", filesystem=fs)
+        local = pq.read_table(f"{output}/pairs")
+        assert sorted(zip(pairs["key"].to_pylist(), pairs["text"].to_pylist())) == sorted(
+            zip(local["key"].to_pylist(), local["text"].to_pylist()))
+        assert all(url.startswith("s3://capfilt/world/") for url in pairs["shard"].to_pylist())
+    finally:
+        server.stop()
