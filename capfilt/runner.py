@@ -1,10 +1,21 @@
 """Orders stages, skips the complete ones, owns the run directory.
 
-A stage is a function ``(run, section) -> outputs`` that reads its config section and Parquet, and
-writes under ``run.stage_dir(name)``. The runner knows stages only through that contract and a
-completion record (``<stage>/_STAGE.json``: the section's hash and the outputs) written last: a stage
-whose record matches its section is skipped; one whose section changed is refused, so artifacts of two
-configurations never mix. Stages with their own resume (capfilt) run again and redo only what is missing.
+The pipeline YAML names sections; the runner expands them into the paper's loop of stage runs::
+
+    synth | ingest                       the data (generated world, or img2dataset from URLs)
+    tokenizer                            trained on the captions, or a hub id / directory
+    pretrain_noisy                       MED on raw web + human pairs (the baseline, and round 0's init)
+    round_R/finetune_captioner           LM on human pairs, from the round's MED
+    round_R/finetune_filter              ITC+ITM on human pairs, from the round's MED
+    round_R/capfilt                      caption + filter the web shards (human pairs pass through)
+    round_R/pretrain                     MED on the bootstrapped pairs: round R+1's MED
+    evaluate                             noisy vs bootstrapped on the held-out split; metrics.json
+
+A stage run is a function ``(run, step) -> outputs`` writing under its own directory. Its completion
+record (``<dir>/_STAGE.json``: a hash of its section and inputs, and its outputs) is written last: a
+stage whose record matches is skipped, one whose configuration changed is refused, so artifacts of two
+configurations never mix. Stages with their own resume (training checkpoints, CapFilt commits) are
+called again when unfinished and redo only what is missing.
 """
 
 from __future__ import annotations
@@ -17,7 +28,7 @@ from typing import Any, Callable
 
 import fsspec
 
-from capfilt.config import PipelineConfig
+from capfilt.config import PipelineConfig, ReaderConfig
 from capfilt.data.output import _diff, config_hash
 
 STAGE_RECORD = "_STAGE.json"
@@ -28,81 +39,238 @@ class StageConflictError(RuntimeError):
 
 
 @dataclass
+class Step:
+    name: str  # also the directory under the run dir
+    function: Callable[["Run", "Step"], dict[str, Any]]
+    section: Any  # the pydantic section(s) this step reads
+    inputs: dict[str, Any] = field(default_factory=dict)  # names of earlier steps it consumes
+
+
+@dataclass
 class Run:
     config: PipelineConfig
     root: str
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
     log: Callable[[str], None] = print
 
     def stage_dir(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}"
+
+    def output(self, step_name: str) -> dict[str, Any]:
+        return self.outputs[step_name]
 
 
 def default_run_dir(config: PipelineConfig) -> str:
     return config.run_dir or os.path.join("runs", config.name)
 
 
-def _synth(run: Run, section) -> dict[str, Any]:
+# --------------------------------------------------------------------------------------------------
+# Data the pipeline reads, wherever it came from
+# --------------------------------------------------------------------------------------------------
+
+
+def data_reader(run: Run, split: str) -> ReaderConfig | None:
+    """The reader for ``split`` (web, human, test): the data section, else synth's or ingest's output."""
+    configured = getattr(run.config.data, split)
+    if configured is not None:
+        return configured
+    if "synth" in run.outputs:
+        return ReaderConfig(paths=f"{run.outputs['synth'][split]}/*.parquet")
+    if split == "web" and "ingest" in run.outputs:
+        return ReaderConfig(paths=f"{run.outputs['ingest']['web']}/*.parquet")
+    return None
+
+
+def _require(reader: ReaderConfig | None, what: str) -> ReaderConfig:
+    if reader is None:
+        raise ValueError(f"data.{what}: not set, and no synth or ingest stage in this pipeline provides it")
+    return reader
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage functions: thin adapters from the runner's context to each stage's own API
+# --------------------------------------------------------------------------------------------------
+
+
+def _synth(run: Run, step: Step) -> dict[str, Any]:
     from capfilt.data.world import write_world
 
-    paths = write_world(section, run.stage_dir("synth"))
-    return {name: str(value) for name, value in vars(paths).items()}
+    paths = write_world(step.section, run.stage_dir(step.name))
+    return {split: str(getattr(paths, split)) for split in ("web", "human", "test")}
 
 
-def _ingest(run: Run, section) -> dict[str, Any]:
+def _ingest(run: Run, step: Step) -> dict[str, Any]:
     from capfilt.stages.ingest import ingest
 
-    return {"web": ingest(section, run.stage_dir("ingest"))}
+    return {"web": ingest(step.section, run.stage_dir(step.name))}
 
 
-def _capfilt(run: Run, section) -> dict[str, Any]:
-    from capfilt.stages.capfilt import resolve_inputs, run_capfilt
+def _shard_sources(run: Run, splits: tuple[str, ...]):
+    from capfilt.data.pairs import PairSource
 
-    section = resolve_inputs(section, run)
-    output = section.output or run.stage_dir("capfilt")
+    return [PairSource(kind="shards", reader=_require(data_reader(run, split), split), role=split) for split in splits]
+
+
+def _tokenizer(run: Run, step: Step) -> dict[str, Any]:
+    from capfilt.stages.pretrain import prepare_tokenizer
+
+    out_dir = run.stage_dir(step.name)
+    return {"tokenizer": str(prepare_tokenizer(step.section, _shard_sources(run, ("human", "web")), out_dir))}
+
+
+def _pretrain(run: Run, step: Step) -> dict[str, Any]:
+    from capfilt.data.pairs import PairSource
+    from capfilt.stages.pretrain import run_pretrain
+
+    if "capfilt" in step.inputs:
+        # The bootstrapped pairs: CapFilt's output already holds the human pairs, passed through.
+        sources = [PairSource(kind="capfilt", path=run.output(step.inputs["capfilt"])["output"])]
+    else:
+        sources = _shard_sources(run, ("web", "human"))
+    return run_pretrain(step.section, run.config.model, run.output("tokenizer")["tokenizer"], sources,
+                        run.stage_dir(step.name), log=run.log)
+
+
+def _finetune(kind: str) -> Callable[[Run, Step], dict[str, Any]]:
+    def finetune(run: Run, step: Step) -> dict[str, Any]:
+        from capfilt.stages import finetune as stage
+
+        function = stage.run_finetune_captioner if kind == "captioner" else stage.run_finetune_filter
+        return function(step.section, run.output(step.inputs["init"])["med"], run.output("tokenizer")["tokenizer"],
+                        _shard_sources(run, ("human",)), run.stage_dir(step.name), log=run.log)
+
+    return finetune
+
+
+def _capfilt(run: Run, step: Step) -> dict[str, Any]:
+    from capfilt.config import ModelRef
+    from capfilt.stages.capfilt import run_capfilt
+
+    section = step.section
+    update: dict[str, Any] = {"round": step.inputs["round"]}
+    if section.web is None:
+        update["web"] = _require(data_reader(run, "web"), "web")
+    if section.human is None and data_reader(run, "human") is not None:
+        update["human"] = data_reader(run, "human")
+    for role, name in (("captioners", "captioner"), ("filters", "filter")):
+        if not getattr(section, role):
+            update[role] = [ModelRef(path=run.output(step.inputs[name])["model"], name=f"{name}-round{step.inputs['round']}")]
+    section = section.model_copy(update=update)
+    output = section.output or run.stage_dir(step.name)
     manifest = run_capfilt(section, output, log=run.log)
     return {"output": output, "totals": manifest["totals"]}
 
 
-# The paper's loop, in order. A stage runs when its section is present in the pipeline.
-STAGES: list[tuple[str, Callable[[Run, Any], dict[str, Any]], bool]] = [
-    # (name, function, has its own resume)
-    ("synth", _synth, False),
-    ("ingest", _ingest, False),
-    ("capfilt", _capfilt, True),
-]
+def _evaluate(run: Run, step: Step) -> dict[str, Any]:
+    from capfilt.stages.evaluate import format_table, run_evaluate
+
+    models = {label: run.output(name)["med"] for label, name in step.inputs["models"].items()}
+    capfilt_output = run.output(step.inputs["capfilt"])["output"] if "capfilt" in step.inputs else None
+    metrics = run_evaluate(step.section, models, _require(data_reader(run, "test"), "test"), run.stage_dir(step.name),
+                           capfilt_output=capfilt_output, web=data_reader(run, "web"), log=run.log)
+    run.log(format_table(metrics))
+    return {"metrics": f"{run.stage_dir(step.name)}/metrics.json"}
+
+
+# --------------------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------------------
+
+
+def plan(config: PipelineConfig) -> list[Step]:
+    """The stage runs a pipeline asks for, in order, with which earlier outputs each consumes."""
+    steps: list[Step] = []
+    if config.synth is not None:
+        steps.append(Step("synth", _synth, config.synth))
+    if config.ingest is not None:
+        steps.append(Step("ingest", _ingest, config.ingest))
+    trains = config.pretrain is not None or config.finetune_captioner is not None or config.finetune_filter is not None
+    if trains:
+        steps.append(Step("tokenizer", _tokenizer, config.tokenizer))
+    current_med = None
+    if config.pretrain is not None:
+        steps.append(Step("pretrain_noisy", _pretrain, config.pretrain))
+        current_med = "pretrain_noisy"
+    for round_ in range(config.rounds if config.capfilt is not None else 0):
+        prefix = f"round_{round_}"
+        inputs: dict[str, Any] = {"round": round_}
+        for kind, section in (("captioner", config.finetune_captioner), ("filter", config.finetune_filter)):
+            if section is None:
+                continue
+            if current_med is None:
+                raise ValueError(f"finetune_{kind}: needs a pretrain section to start from")
+            steps.append(Step(f"{prefix}/finetune_{kind}", _finetune(kind), section, {"init": current_med}))
+            inputs[kind] = f"{prefix}/finetune_{kind}"
+        steps.append(Step(f"{prefix}/capfilt", _capfilt, config.capfilt, inputs))
+        if config.pretrain is not None:
+            steps.append(Step(f"{prefix}/pretrain", _pretrain, config.pretrain, {"capfilt": f"{prefix}/capfilt"}))
+            current_med = f"{prefix}/pretrain"
+    if config.evaluate is not None:
+        models = {}
+        if config.pretrain is not None:
+            models["noisy"] = "pretrain_noisy"
+            if current_med != "pretrain_noisy":
+                models["bootstrapped"] = current_med
+        inputs = {"models": models}
+        if config.capfilt is not None and config.rounds > 0:
+            inputs["capfilt"] = "round_0/capfilt"
+        steps.append(Step("evaluate", _evaluate, config.evaluate, inputs))
+    return steps
 
 
 def run_pipeline(config: PipelineConfig, run_dir: str | None = None, log: Callable[[str], None] = print) -> Run:
     run = Run(config, run_dir or default_run_dir(config), log=log)
     fs, root = fsspec.core.url_to_fs(run.root)
     fs.makedirs(root, exist_ok=True)
-    for name, function, resumable in STAGES:
-        section = getattr(config, name)
-        if section is None:
-            continue
-        record_path = f"{root}/{name}/{STAGE_RECORD}"
-        section_dump = section.model_dump(mode="json")
+    started = time.time()
+    for step in plan(config):
+        record_path = f"{root}/{step.name}/{STAGE_RECORD}"
+        identity = {"section": step.section.model_dump(mode="json"), "inputs": step.inputs,
+                    "upstream": {name: run.outputs.get(name) for name in _upstream(step)}}
+        if step.name.endswith("pretrain") or "finetune" in step.name or step.name == "tokenizer":
+            identity["model"] = config.model.model_dump(mode="json")
         if fs.exists(record_path):
             record = json.loads(fs.cat_file(record_path))
-            if record["hash"] != config_hash(section_dump):
-                changes = "; ".join(_diff(record["section"], section_dump, name)) or "unknown"
-                raise StageConflictError(
-                    f"stage {name} in {run.root} was completed with another configuration ({changes}); "
-                    "use a new --run-dir, or delete that stage's directory to redo it"
-                )
-            if not resumable:
-                log(f"[{name}] complete, skipped")
-                run.outputs[name] = record["outputs"]
+            if record["hash"] == config_hash(identity):
+                log(f"[{step.name}] complete, skipped")
+                run.outputs[step.name] = record["outputs"]
+                run.seconds[step.name] = record["seconds"]
                 continue
-        log(f"[{name}] running")
-        started = time.time()
-        outputs = function(run, section)
-        record = {"hash": config_hash(section_dump), "section": section_dump, "outputs": outputs,
-                  "seconds": time.time() - started}
-        fs.makedirs(f"{root}/{name}", exist_ok=True)
-        fs.pipe_file(record_path, json.dumps(record, indent=2, sort_keys=True).encode())
-        run.outputs[name] = outputs
-        log(f"[{name}] done in {record['seconds']:.1f}s")
+            changes = "; ".join(_diff(record["identity"], identity, step.name)) or "unknown"
+            raise StageConflictError(
+                f"stage {step.name} in {run.root} was completed with another configuration ({changes}); "
+                "use a new --run-dir, or delete that stage's directory to redo it"
+            )
+        log(f"[{step.name}] running")
+        step_started = time.time()
+        outputs = step.function(run, step)
+        seconds = time.time() - step_started
+        record = {"hash": config_hash(identity), "identity": identity, "outputs": outputs, "seconds": seconds}
+        fs.makedirs(f"{root}/{step.name}", exist_ok=True)
+        fs.pipe_file(record_path, json.dumps(record, indent=2, sort_keys=True, default=str).encode())
+        run.outputs[step.name] = outputs
+        run.seconds[step.name] = seconds
+        log(f"[{step.name}] done in {seconds:.1f}s")
+    _finish_metrics(run, fs, root, time.time() - started)
     log(f"run directory: {run.root}")
     return run
+
+
+def _upstream(step: Step) -> list[str]:
+    names = []
+    for value in step.inputs.values():
+        if isinstance(value, str):
+            names.append(value)
+        elif isinstance(value, dict):
+            names.extend(v for v in value.values() if isinstance(v, str))
+    return names
+
+
+def _finish_metrics(run: Run, fs, root: str, total: float) -> None:
+    """Copy the evaluation's metrics to the run directory, with seconds per stage."""
+    if "evaluate" not in run.outputs:
+        return
+    metrics = json.loads(fs.cat_file(f"{root}/evaluate/metrics.json"))
+    metrics["seconds"] = {**run.seconds, "total": sum(run.seconds.values())}
+    fs.pipe_file(f"{root}/metrics.json", json.dumps(metrics, indent=2, sort_keys=True).encode())

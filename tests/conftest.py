@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+from capfilt.config import MedConfig, WorldConfig
+
 # Two cores: keep each test process to one intra-op thread so parallel work (Ray) is not starved.
 torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -29,3 +31,30 @@ def tokenizer(tmp_path_factory):
     from capfilt.data.text import train_tokenizer
 
     return train_tokenizer(TOY_CORPUS * 20, tmp_path_factory.mktemp("tokenizer"), vocab_size=300)
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+    from capfilt.data.world import write_world
+
+    config = WorldConfig(seed=3, num_web=36, num_human=8, num_test=0, image_size=32, rows_per_shard=4,
+                         failed_rows=2, corrupt_rows=2)
+    return write_world(config, str(tmp_path_factory.mktemp("world")))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizer):
+    """A captioner and a filter exported from one tiny random MED (32 px), as capfilt writes them."""
+    import torch
+
+    from capfilt.models.export import export_captioner, export_filter
+    from capfilt.models.med import MED
+
+    torch.manual_seed(0)
+    config = MedConfig(preset="tiny", vision={"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "heads": 2,
+                                               "mlp_dim": 128},
+                       text={"width": 64, "layers": 1, "heads": 2, "mlp_dim": 128}, embed_dim=32, queue_size=64)
+    med = MED.from_config(config, tokenizer)
+    root = tmp_path_factory.mktemp("models")
+    return {"captioner": str(export_captioner(med, tokenizer, root / "captioner")),
+            "filter": str(export_filter(med, tokenizer, root / "filter"))}

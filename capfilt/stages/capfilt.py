@@ -523,6 +523,11 @@ class ShardAssembler:
         return sorted(set(self.partial) | {s for s in self.expected if s not in self.committed and s not in dict(self.ready)})
 
 
+def _read_task(tasks: dict[str, np.ndarray], **settings) -> Iterator[pa.Table]:
+    # A plain function, so Ray Data runs reads as tasks that give their CPU back between shards.
+    yield from ReadAndDecode(**settings)(tasks)
+
+
 def actor_pool(config: CapFiltConfig, resources: dict[str, float]) -> dict[str, Any]:
     """Actor count and per-actor resources from the cluster, never taking the CPUs reads need."""
     gpus = resources.get("GPU", 0.0)
@@ -539,11 +544,15 @@ def actor_pool(config: CapFiltConfig, resources: dict[str, float]) -> dict[str, 
     if room < 1:
         raise ValueError(f"capfilt.actors: no room for an actor on this cluster ({where}); "
                          "lower capfilt.cpus_per_actor or capfilt.reserve_cpus_for_reading")
-    actors = room if config.actors == "auto" else config.actors
-    if actors > room:
-        raise ValueError(f"capfilt.actors: {actors} requested but the cluster fits {room} ({where})")
+    if config.actors == "auto":
+        # An autoscaling pool: it keeps working with fewer actors when a node is lost.
+        concurrency: int | tuple[int, int] = (1, room)
+    elif config.actors > room:
+        raise ValueError(f"capfilt.actors: {config.actors} requested but the cluster fits {room} ({where})")
+    else:
+        concurrency = config.actors
     threads = max(1, int(per_actor["num_cpus"])) if "num_gpus" not in per_actor else None
-    return {"actors": actors, "threads": threads, **per_actor}
+    return {"concurrency": concurrency, "threads": threads, **per_actor}
 
 
 def image_settings(ref: ModelRef) -> dict[str, Any]:
@@ -603,12 +612,14 @@ def run_capfilt(config: CapFiltConfig, output: str, log=print) -> dict[str, Any]
         items = [{"url": t.url, "role": t.role, "reader": json.dumps(t.reader)} for t in todo]
         dataset = (
             ray.data.from_items(items, override_num_blocks=len(items))
-            .map_batches(ReadAndDecode, batch_size=1, batch_format="numpy", num_cpus=1, concurrency=(1, len(items)),
-                         fn_constructor_kwargs={"image_size": image_size, "max_pixels": config.max_pixels,
-                                                "decode_batch_size": config.decode_batch_size,
-                                                "embed_images": config.embed_images})
+            # max_retries: a read on a lost node is redone elsewhere. Being a task-only argument, it also
+            # keeps Ray Data from fusing reads into the actors, which would serialise decode and model.
+            .map_batches(_read_task, batch_size=1, batch_format="numpy", num_cpus=1, max_retries=3,
+                         fn_kwargs={"image_size": image_size, "max_pixels": config.max_pixels,
+                                    "decode_batch_size": config.decode_batch_size,
+                                    "embed_images": config.embed_images})
             .map_batches(CapFiltWorker, batch_size=config.batch_size, batch_format="pyarrow",
-                         concurrency=pool["actors"], num_cpus=pool["num_cpus"], num_gpus=pool.get("num_gpus", 0),
+                         concurrency=pool["concurrency"], num_cpus=pool["num_cpus"], num_gpus=pool.get("num_gpus", 0),
                          fn_constructor_kwargs={"config": worker_config,
                                                 "captioners": [r.model_dump() for r in config.captioners],
                                                 "filters": [r.model_dump() for r in config.filters],
@@ -661,22 +672,3 @@ def build_manifest(out: CommittedOutput, tasks: list[ShardTask], provenance: dic
         "roles": {t.url: t.role for t in tasks},
     }
 
-
-def resolve_inputs(config: CapFiltConfig, run) -> CapFiltConfig:
-    """Fill what the pipeline left to earlier stages: web and human shards, the fine-tuned models."""
-    update: dict[str, Any] = {}
-    if config.web is None:
-        if "ingest" in run.outputs:
-            update["web"] = ReaderConfig(paths=f"{run.outputs['ingest']['web']}/*.parquet")
-        elif "synth" in run.outputs:
-            update["web"] = ReaderConfig(paths=f"{run.outputs['synth']['web']}/*.parquet")
-        else:
-            raise ValueError("capfilt.web: not set, and no synth or ingest stage in this pipeline provides web shards")
-    if config.human is None and "synth" in run.outputs:
-        update["human"] = ReaderConfig(paths=f"{run.outputs['synth']['human']}/*.parquet")
-    for role, stage in (("captioners", "finetune_captioner"), ("filters", "finetune_filter")):
-        if not getattr(config, role):
-            if stage not in run.outputs:
-                raise ValueError(f"capfilt.{role}: none named, and no {stage} stage in this pipeline trains one")
-            update[role] = [ModelRef(path=run.outputs[stage]["model"])]
-    return config.model_copy(update=update)

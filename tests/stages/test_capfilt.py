@@ -118,11 +118,12 @@ def test_resume_after_the_driver_is_killed(baseline, small_world, tiny_models, t
                                         "capfilt": config}))
     # The driver joins the test's cluster, as `ray job submit` drivers do.
     command = [sys.executable, "-m", "capfilt.cli", "run", str(pipeline), "--address", ray_address]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and not (killed / "_commits").exists():
+    log = open(tmp_path / "driver.log", "wb")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 480
+    while time.time() < deadline and not (killed / "_commits").exists() and process.poll() is None:
         time.sleep(0.05)
-    assert (killed / "_commits").exists(), "the run never committed a shard"
+    assert (killed / "_commits").exists(), (tmp_path / "driver.log").read_text()[-3000:]
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert not (killed / "_SUCCESS").exists()
