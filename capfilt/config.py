@@ -315,6 +315,134 @@ class WorldConfig(Section):
 
 
 # --------------------------------------------------------------------------------------------------
+# Training -- capfilt/data/pairs.py, capfilt/training/loop.py, capfilt/stages/{pretrain,finetune}.py
+# --------------------------------------------------------------------------------------------------
+
+# === training sections ===
+
+PairSourceName = Literal["web", "synthetic", "human"]
+
+
+class PairSource(Section):
+    """Image-text pairs to train on: raw shards, or the kept pairs of a CapFilt output (capfilt/data/pairs.py)."""
+
+    kind: Literal["shards", "capfilt"] = "shards"
+    reader: ReaderConfig | None = Field(
+        None, description="shards: the input shards; capfilt: how to read the shards its pairs refer to (optional)"
+    )
+    role: Literal["web", "human"] = Field("web", description="shards: the source recorded on their pairs")
+    path: str | None = Field(None, description="capfilt: the output directory (its pairs/ table)")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for path")
+    sources: list[PairSourceName] | None = Field(None, description="keep pairs of these sources only; None: all")
+    use_all_references: bool = Field(
+        False, description="shards with a 'captions' list column (human/test): one pair per reference caption"
+    )
+    max_caption_words: int = Field(30, gt=0, description="pre_caption's word limit")
+    max_pixels: int = Field(ImageConfig.model_fields["max_pixels"].default, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "PairSource":
+        if self.kind == "shards" and self.path is not None:
+            raise ValueError("path is for kind 'capfilt'; shards are given by reader.paths")
+        if self.kind == "capfilt" and self.use_all_references:
+            raise ValueError("use_all_references needs raw shards with a 'captions' column, not a CapFilt output")
+        return self
+
+
+class TokenizerConfig(Section):
+    """The run's tokenizer: trained on its captions, or an existing one (a hub id or local directory)."""
+
+    source: str = Field("train", description="'train': WordPiece on the human + web captions; else a hub id or dir")
+    revision: str | None = None
+    vocab_size: int = Field(4000, gt=0, description="source 'train' only")
+
+
+class TrainConfig(Section):
+    """One MED training run on Ray Train (capfilt/training/loop.py). Defaults: BLIP pretraining.
+
+    ``steps`` is the unit of training: two runs with the same steps and batch see the same number of
+    pairs, which is what makes noisy and bootstrapped pretraining comparable.
+    """
+
+    steps: int = Field(1000, gt=0, description="optimiser steps")
+    batch_size: int = Field(64, gt=0, description="global batch: pairs per optimiser step over all workers")
+    grad_accumulation: int = Field(1, ge=1, description="micro-batches per step on each worker")
+    lr: float = Field(3e-4, gt=0.0, description="peak learning rate, reached after warm-up")
+    min_lr: float = Field(1e-6, ge=0.0)
+    warmup_steps: int = Field(100, ge=0, description="linear from warmup_lr to lr")
+    warmup_lr: float = Field(1e-6, ge=0.0)
+    schedule: Literal["cosine", "step"] = Field("step", description="after warm-up: cosine to min_lr, or step decay")
+    decay_rate: float = Field(0.9, gt=0.0, le=1.0, description="step: lr factor every decay_every steps")
+    decay_every: int = Field(100, gt=0, description="step: steps per decay (BLIP decays once per epoch)")
+    weight_decay: float = Field(0.05, ge=0.0, description="AdamW; not on biases, norms, temperature, ViT tokens")
+    max_text_length: int = Field(30, ge=2, description="tokens per text, [CLS]/[SEP] included")
+    objectives: list[Literal["itc", "itm", "lm"]] = Field(["itc", "itm", "lm"])
+    prompt: str = Field("", description="LM: prepended to every caption; its tokens get no loss")
+    alpha: float | None = Field(None, ge=0.0, le=1.0, description="ITC distillation weight; None: the model's")
+    alpha_rampup_steps: int | None = Field(None, ge=0, description="None: the model's")
+    image: ImageConfig = Field(
+        ImageConfig(train_scale=(0.2, 1.0)),
+        description="augmentation; set image.hflip_p 0 where captions say left/right (the generated world)",
+    )
+    image_size: int | None = Field(None, gt=0, description="train resolution; None: the model's (re-grids if set)")
+    checkpoint_every: int = Field(100, gt=0, description="steps between checkpoints (the last step always saves)")
+    keep_checkpoints: int = Field(2, ge=1)
+    workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks)")
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    data_cpus: float = Field(1.0, gt=0.0, description="CPUs per Ray Data decode task (leave them free of workers)")
+    use_gpu: bool | Literal["auto"] = Field("auto", description="auto: when the cluster has GPUs")
+    mixed_precision: Literal["auto", "bf16", "off"] = Field("auto", description="auto: bf16 autocast on GPU only")
+    seed: int = 0
+    log_every: int = Field(10, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        ranks = self.workers * self.grad_accumulation
+        if self.batch_size % ranks:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not a multiple of workers x grad_accumulation "
+                f"({self.workers} x {self.grad_accumulation})"
+            )
+        if not self.objectives or len(set(self.objectives)) != len(self.objectives):
+            raise ValueError(f"objectives must be distinct and non-empty, got {self.objectives}")
+        if self.prompt and "lm" not in self.objectives:
+            raise ValueError("prompt applies to the LM objective only")
+        return self
+
+    @property
+    def micro_batch(self) -> int:
+        """Pairs per forward pass on one worker."""
+        return self.batch_size // (self.workers * self.grad_accumulation)
+
+
+class CaptionerTrainConfig(TrainConfig):
+    """Captioner fine-tuning: LM only with the prompt, as BLIP's COCO captioning (lr 1e-5, cosine)."""
+
+    steps: int = Field(500, gt=0)
+    lr: float = Field(1e-5, gt=0.0)
+    min_lr: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "step"] = "cosine"
+    max_text_length: int = Field(40, ge=2)
+    objectives: list[Literal["itc", "itm", "lm"]] = Field(["lm"])
+    prompt: str = "a picture of "
+    image: ImageConfig = ImageConfig()
+
+
+class FilterTrainConfig(TrainConfig):
+    """Filter fine-tuning: ITC + ITM, as BLIP's COCO retrieval (lr 1e-5, cosine)."""
+
+    steps: int = Field(500, gt=0)
+    lr: float = Field(1e-5, gt=0.0)
+    min_lr: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "step"] = "cosine"
+    max_text_length: int = Field(35, ge=2)
+    objectives: list[Literal["itc", "itm", "lm"]] = Field(["itc", "itm"])
+    image: ImageConfig = ImageConfig()
+
+
+# --------------------------------------------------------------------------------------------------
 # CapFilt -- capfilt/stages/capfilt.py
 # --------------------------------------------------------------------------------------------------
 
@@ -369,21 +497,72 @@ class CapFiltConfig(Section):
 # --------------------------------------------------------------------------------------------------
 
 
+class EvaluateConfig(Section):
+    """Retrieval, captioning and CapFilt quality on held-out data (capfilt/stages/evaluate.py)."""
+
+    k_test: int = Field(256, ge=1, description="ITC candidates re-ranked by ITM per query (BLIP: 256; demo: 16)")
+    batch_size: int = Field(64, gt=0, description="images, texts or ITM pairs per forward")
+    max_text_length: int = Field(35, ge=2, description="tokens per text for retrieval, as the reference")
+    max_caption_words: int = Field(30, gt=0, description="pre_caption's word limit for the reference texts")
+    max_test_images: int | None = Field(None, gt=0, description="the first N test images; None: all")
+    sampling: CaptionSampling = Field(
+        default_factory=lambda: BEAM_EVAL_SAMPLING.model_copy(), description="captioning; default: beam 3, 5-20 tokens"
+    )
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="the CapFilt threshold: removal iff ITM prob below it")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _beam_defaults(cls, data: Any) -> Any:
+        # A partial `sampling:` overrides the evaluation defaults, not CaptionSampling's nucleus ones.
+        if isinstance(data, dict) and isinstance(data.get("sampling"), dict):
+            data = {**data, "sampling": {**BEAM_EVAL_SAMPLING.model_dump(), **data["sampling"]}}
+        return data
+
+
+class ReportConfig(Section):
+    """The HTML report on a CapFilt output (capfilt/reporting/report.py): bounded size whatever the output's."""
+
+    buckets: int = Field(10, ge=1, le=100, description="gallery buckets over the web text's ITM probability")
+    samples_per_bucket: int = Field(8, ge=0, description="images shown per bucket")
+    max_rejects_per_reason: int = Field(6, ge=0, description="examples shown per reject reason")
+    histogram_bins: int = Field(20, ge=2, le=200)
+    thumbnail_size: int = Field(96, ge=16, le=512, description="longest thumbnail side in pixels, JPEG inline")
+    max_shards_listed: int = Field(100, ge=0, description="shard accounting rows; shards with problems always listed")
+    seed: int = Field(0, description="which images are sampled")
+
+
 class RayConfig(Section):
     address: str | None = Field(None, description="an existing cluster (or RAY_ADDRESS); None: start a local one")
     num_cpus: int | None = Field(None, gt=0, description="local cluster only; None: every core")
     object_store_memory: int | None = Field(None, gt=0, description="bytes; local cluster only")
 
 
+class DataConfig(Section):
+    """The run's pairs. Unset splits come from the synth or ingest stage."""
+
+    web: ReaderConfig | None = Field(None, description="noisy web pairs to bootstrap")
+    human: ReaderConfig | None = Field(None, description="human-annotated pairs (COCO's role)")
+    test: ReaderConfig | None = Field(None, description="held-out pairs for evaluation")
+
+
 class PipelineConfig(Section):
-    """A whole run: the sections present are the stages that run, in the order of STAGES in runner.py."""
+    """A whole run. The sections present decide which stages run; capfilt/runner.py orders them."""
 
     name: str = "capfilt"
     run_dir: str | None = Field(None, description="where every artifact goes; None: runs/<name> under the cwd")
     ray: RayConfig = RayConfig()
+    data: DataConfig = DataConfig()
     synth: WorldConfig | None = None
     ingest: IngestConfig | None = None
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    model: MedConfig = MedConfig()
+    pretrain: TrainConfig | None = Field(None, description="MED on raw web + human pairs, then on each round's output")
+    finetune_captioner: CaptionerTrainConfig | None = None
+    finetune_filter: FilterTrainConfig | None = None
     capfilt: CapFiltConfig | None = None
+    rounds: int = Field(1, ge=0, description="bootstrapping rounds: round r's pairs pretrain round r+1's MED")
+    evaluate: EvaluateConfig | None = None
 
 
 def load_pipeline(path: str) -> PipelineConfig:
