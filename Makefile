@@ -8,7 +8,10 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.capfilt-installed
 
-.PHONY: demo test venv clean
+# The report test (tests/reporting) opens the HTML in headless Chromium; test-tools installs it when missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test test-tools venv clean
 
 venv: $(STAMP)
 
@@ -22,8 +25,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/capfilt run pipelines/demo.yaml
 
-test: $(STAMP)
+test: $(STAMP) test-tools
 	$(PY) -m pytest -q
+
+test-tools:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+	  || ($(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) \
+	  || { echo "make test: the report test needs Chromium; install it (Debian/Ubuntu: apt-get install chromium)" >&2; exit 1; }
 
 clean:
 	rm -rf $(VENV) runs

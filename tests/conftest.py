@@ -13,6 +13,9 @@ from capfilt.config import MedConfig, WorldConfig
 torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Ray clusters started by the tests listen on loopback only (Ray reads this when it is imported).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 TOY_CORPUS = [
     "a red circle left of a blue square",

@@ -24,8 +24,13 @@ def validate(pipeline: str) -> None:
         config = load_pipeline(pipeline)
     except ConfigError as error:
         raise click.ClickException(str(error)) from None
-    stages = [name for name in ("synth", "ingest", "capfilt") if getattr(config, name) is not None]
-    click.echo(f"{pipeline}: valid; stages: {', '.join(stages) or 'none'}")
+    from capfilt.runner import plan
+
+    try:
+        steps = [step.name for step in plan(config)]
+    except ValueError as error:
+        raise click.ClickException(f"{pipeline}: {error}") from None
+    click.echo(f"{pipeline}: valid; stages: {', '.join(steps) or 'none'}")
 
 
 @main.command()
@@ -34,6 +39,9 @@ def validate(pipeline: str) -> None:
 @click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
 def run(pipeline: str, run_dir: str | None, address: str | None) -> None:
     """Run a pipeline's stages in order, skipping the complete ones."""
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        # A local cluster needs no network: keep Ray on loopback (read when ray is imported).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     from capfilt.runner import run_pipeline
@@ -70,6 +78,68 @@ def synth(out_dir: str, pipeline: str | None, seed: int | None, num_web: int | N
     paths = write_world(WorldConfig.model_validate(world.model_dump()), out_dir)
     for name, value in vars(paths).items():
         click.echo(f"{name}: {value}")
+
+
+_STORAGE_OPTION = click.option(
+    "--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+    help="fsspec storage option (JSON values parsed, e.g. anon=true); also $CAPFILT_STORAGE_OPTIONS as a JSON object",
+)
+
+
+@main.command("inspect")
+@click.argument("path")
+@click.option("--source", multiple=True, type=click.Choice(["web", "synthetic", "human"]), help="only these text sources")
+@click.option("--reason", multiple=True, help="only rejects with this reason ('kept' selects the pairs)")
+@click.option("--min-score", type=float, default=None, help="only texts with ITM probability >= this")
+@click.option("--max-score", type=float, default=None, help="only texts with ITM probability <= this")
+@click.option("--key", multiple=True, help="only rows of this image key (row-group statistics skip the rest)")
+@click.option("--samples", type=click.IntRange(min=0), default=5, show_default=True, help="sample rows per table")
+@click.option("--json", "as_json", is_flag=True, help="print the same information as JSON")
+@_STORAGE_OPTION
+def inspect_command(path, source, reason, min_score, max_score, key, samples, as_json, storage_options) -> None:
+    """Counts, score quantiles, kept fraction by threshold, samples and shard accounting of a CapFilt output."""
+    import json
+
+    from capfilt.reporting.inspect import format_inspection, inspect_output
+    from capfilt.reporting.reader import OutputError, parse_storage_options
+    from capfilt.reporting.texts import TextFilter
+
+    selection = TextFilter(tuple(source), tuple(reason), min_score, max_score, tuple(key))
+    try:
+        info = inspect_output(path, parse_storage_options(storage_options), selection, samples)
+    except (OutputError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(json.dumps(info, indent=2, default=str) if as_json else format_inspection(info))
+
+
+@main.command("report")
+@click.argument("path")
+@click.option("-o", "--output", "html_path", default="report.html", show_default=True, help="the HTML file to write")
+@click.option("--samples-per-bucket", type=int, default=None, help="default: ReportConfig")
+@click.option("--max-rejects-per-reason", type=int, default=None, help="default: ReportConfig")
+@click.option("--thumbnail-size", type=int, default=None, help="default: ReportConfig")
+@click.option("--seed", type=int, default=None, help="default: ReportConfig")
+@_STORAGE_OPTION
+def report_command(path, html_path, samples_per_bucket, max_rejects_per_reason, thumbnail_size, seed,
+                   storage_options) -> None:
+    """One self-contained HTML page: summary, score histograms, kept fraction, gallery, rejects, shards."""
+    from pydantic import ValidationError
+
+    from capfilt.config import ReportConfig
+    from capfilt.reporting.reader import OutputError, parse_storage_options
+    from capfilt.reporting.report import build_report
+
+    overrides = {"samples_per_bucket": samples_per_bucket, "max_rejects_per_reason": max_rejects_per_reason,
+                 "thumbnail_size": thumbnail_size, "seed": seed}
+    try:
+        config = ReportConfig(**{name: value for name, value in overrides.items() if value is not None})
+        build_report(path, html_path, config, parse_storage_options(storage_options),
+                     progress=lambda message: click.echo(message, err=True))
+    except ValidationError as error:
+        raise click.ClickException(f"report options: {error}") from None
+    except (OutputError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(html_path)
 
 
 if __name__ == "__main__":
