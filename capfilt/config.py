@@ -388,7 +388,7 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(100, gt=0, description="steps between checkpoints (the last step always saves)")
     keep_checkpoints: int = Field(2, ge=1)
     workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks)")
-    cpus_per_worker: float = Field(1.0, gt=0.0)
+    cpus_per_worker: float = Field(1.0, gt=0.0, description="Ray CPUs per worker; torch threads: this, rounded up")
     data_cpus: float = Field(1.0, gt=0.0, description="CPUs per Ray Data decode task (leave them free of workers)")
     use_gpu: bool | Literal["auto"] = Field("auto", description="auto: when the cluster has GPUs")
     mixed_precision: Literal["auto", "bf16", "off"] = Field("auto", description="auto: bf16 autocast on GPU only")

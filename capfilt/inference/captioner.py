@@ -94,6 +94,28 @@ def sample_inverse_cdf(scores: torch.Tensor, uniforms: torch.Tensor) -> torch.Te
     return tokens.clamp_(max=scores.shape[-1] - 1)
 
 
+def cross_attention_keys_values(
+    text_model, image_embeds: torch.Tensor, repeats: int = 1
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every cross-attention layer's (keys, values) for ``image_embeds``, each image repeated ``repeats`` times.
+
+    They depend on the image alone, so projecting the image tokens here once per image, instead of
+    once per text or caption row, saves ``repeats - 1`` of those projections per layer. ``text_model``
+    is a ``BlipTextModel``; ``DynamicCache(result)`` is the cross-attention half of an
+    ``EncoderDecoderCache``, which then treats every layer as already filled.
+    """
+    layers = []
+    for layer in text_model.encoder.layer:
+        attention = layer.crossattention.self
+        shape = (*image_embeds.shape[:-1], -1, attention.attention_head_size)
+        keys = attention.key(image_embeds).view(shape).transpose(1, 2)
+        values = attention.value(image_embeds).view(shape).transpose(1, 2)
+        if repeats > 1:
+            keys, values = keys.repeat_interleave(repeats, dim=0), values.repeat_interleave(repeats, dim=0)
+        layers.append((keys, values))
+    return layers
+
+
 class Captioner:
     """Writes ``sampling.num_captions`` captions per image with a ``BlipForConditionalGeneration``."""
 
@@ -170,8 +192,7 @@ class Captioner:
     def _nucleus(self, image_embeds: torch.Tensor, keys: Sequence[str], round: int) -> torch.Tensor:
         k, sep, pad = self.sampling.num_captions, self.ids["sep"], self.ids["pad"]
         # Rows are image-major: row i*K + j is caption j of image i.
-        image_embeds = image_embeds.repeat_interleave(k, dim=0)
-        num_rows = image_embeds.shape[0]
+        num_rows = image_embeds.shape[0] * k
         num_steps = self.sampling.max_length - len(self.prompt_ids)
         seeds = [row_seed(self.sampling.seed, key, round, j) for key in keys for j in range(k)]
         uniforms = row_uniforms(seeds, num_steps).to(self.device)
@@ -179,9 +200,14 @@ class Captioner:
         decoder = self.model.text_decoder
         input_ids = self.prompt_ids.expand(num_rows, -1)
         finished = torch.zeros(num_rows, dtype=torch.bool, device=self.device)
-        # Self-attention keys/values grow by one token per step; cross-attention ones are computed
-        # from image_embeds at the first step and reused after.
-        cache = EncoderDecoderCache(DynamicCache(config=decoder.config), DynamicCache(config=decoder.config))
+        # Self-attention keys/values grow by one token per step; cross-attention ones depend on the
+        # image alone, so they are computed once per image (not per caption) before the first step.
+        cache = EncoderDecoderCache(
+            DynamicCache(config=decoder.config),
+            DynamicCache(cross_attention_keys_values(decoder.bert, image_embeds, k)),
+        )
+        # Keys and values come from the cache; the image states only switch cross-attention on.
+        image_embeds = image_embeds.repeat_interleave(k, dim=0)
         step_ids = input_ids
         for step in range(num_steps):
             out = decoder(

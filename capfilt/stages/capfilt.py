@@ -127,14 +127,39 @@ class ShardTask:
 # --------------------------------------------------------------------------------------------------
 
 
-def resize_uint8(image, image_size: int) -> np.ndarray:
-    """BLIP's test-time resize (bicubic, antialiased, square, no crop) kept in uint8 for transport."""
+def resize_uint8(image, image_size: int, out: np.ndarray | None = None) -> np.ndarray:
+    """BLIP's test-time resize (bicubic, antialiased, square, no crop) kept in uint8 HxWx3 for transport.
+
+    ``out``: write into this array (e.g. a row of a batch buffer) instead of a new one.
+    """
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as tvF
 
+    import torch
+
     pixels = tvF.pil_to_tensor(image)
     pixels = tvF.resize(pixels, [image_size, image_size], interpolation=InterpolationMode.BICUBIC, antialias=True)
-    return pixels.permute(1, 2, 0).contiguous().numpy()
+    if out is None:
+        out = np.empty((image_size, image_size, 3), dtype=np.uint8)
+    torch.from_numpy(out).copy_(pixels.permute(1, 2, 0))  # torch transposes uint8 about twice as fast as numpy
+    return out
+
+
+def binary_rows(values: np.ndarray, present: np.ndarray) -> pa.Array:
+    """A binary column over ``present`` rows: row i holds the next of ``values`` (stacked, equal-sized) or null.
+
+    Built on ``values``' own memory: no bytes object per image and no copy until Ray stores the block.
+    """
+    size = values[0].nbytes if len(values) else 0
+    if size * len(values) >= 2**31:
+        raise ValueError(f"{len(values)} decoded images of {size} bytes exceed Arrow's 2 GiB binary column; "
+                         "lower capfilt.decode_batch_size")
+    offsets = np.zeros(len(present) + 1, dtype=np.int32)
+    np.cumsum(present * size, out=offsets[1:])
+    validity = pa.array(present, pa.bool_()).buffers()[1]
+    data = pa.py_buffer(np.ascontiguousarray(values))
+    return pa.Array.from_buffers(pa.binary(), len(present), [validity, pa.py_buffer(offsets), data],
+                                 null_count=int(len(present) - present.sum()))
 
 
 class ReadAndDecode:
@@ -157,7 +182,8 @@ class ReadAndDecode:
         try:
             for rows in make_reader(ReaderConfig(**task.reader)).read_shard(task.url):
                 rows_seen += rows.num_rows
-                yield self.decode(rows, task)
+                for start in range(0, rows.num_rows, self.decode_batch_size):
+                    yield self.decode(rows.slice(start, self.decode_batch_size), task)
         except ShardError as error:
             if rows_seen:
                 raise  # rows already went downstream: fail loudly rather than half-count a shard
@@ -168,34 +194,43 @@ class ReadAndDecode:
     def decode(self, rows: pa.Table, task: ShardTask) -> pa.Table:
         from capfilt.data.images import DecodeError, decode_image
 
-        out = {name: [] for name in DECODED_SCHEMA.names}
-        extra_names = [name for name in rows.column_names if name not in NORMALISED_COLUMNS]
-        columns = rows.to_pydict()
-        for i in range(rows.num_rows):
-            reason = detail = pixels = None
-            if columns["status"][i] != "success":
+        n = rows.num_rows
+        status = rows.column("status").to_pylist()
+        error_message = rows.column("error_message").to_pylist()
+        images = rows.column("image").to_pylist() if task.role == WEB else [None] * n
+        reason: list[str | None] = [None] * n
+        detail: list[str | None] = [None] * n
+        # Decoded web images are written straight into one buffer, which becomes the pixels column.
+        pixels = np.empty((n, self.image_size, self.image_size, 3), dtype=np.uint8)
+        decoded = np.zeros(n, dtype=bool)
+        filled = 0
+        for i in range(n):
+            if status[i] != "success":
                 # As capfilt.data.shards.split_by_status words it.
-                reason, detail = f"status: {columns['status'][i]}", columns["error_message"][i]
+                reason[i], detail[i] = f"status: {status[i]}", error_message[i]
             elif task.role == WEB:
                 try:
-                    image = decode_image(columns["image"][i], self.max_pixels)
-                    pixels = resize_uint8(image, self.image_size).tobytes()
+                    image = decode_image(images[i], self.max_pixels)
                 except DecodeError as error:
-                    reason, detail = error.reason, error.detail
-            values = {name: columns[name][i] for name in ("row", "key", "source_key", "sha256", "caption")}
-            values.update(
-                shard=task.url,
-                role=task.role,
-                extra=json.dumps({name: columns[name][i] for name in extra_names}, default=str),
-                reason=reason,
-                detail=detail,
-                pixels=pixels,
-                image=columns["image"][i] if self.embed_images else None,
-                shard_rows=None,
-            )
-            for name in DECODED_SCHEMA.names:
-                out[name].append(values[name])
-        return pa.Table.from_pydict(out, schema=DECODED_SCHEMA)
+                    reason[i], detail[i] = error.reason, error.detail
+                    continue
+                resize_uint8(image, self.image_size, out=pixels[filled])
+                decoded[i] = True
+                filled += 1
+        extra_names = [name for name in rows.column_names if name not in NORMALISED_COLUMNS]
+        extras = {name: rows.column(name).to_pylist() for name in extra_names}
+        columns = {name: rows.column(name) for name in ("row", "key", "source_key", "sha256", "caption")}
+        columns.update(
+            shard=[task.url] * n,
+            role=[task.role] * n,
+            extra=[json.dumps({name: extras[name][i] for name in extra_names}, default=str) for i in range(n)],
+            reason=reason,
+            detail=detail,
+            pixels=binary_rows(pixels[:filled], decoded),
+            image=rows.column("image") if self.embed_images else pa.nulls(n, pa.binary()),
+            shard_rows=pa.nulls(n, pa.int64()),
+        )
+        return pa.Table.from_pydict({name: columns[name] for name in DECODED_SCHEMA.names}, schema=DECODED_SCHEMA)
 
 
 NORMALISED_COLUMNS = {"key", "source_key", "shard", "row", "image", "caption", "status", "error_message", "sha256"}
@@ -244,6 +279,22 @@ def resolve_device(dtype_name: str) -> tuple[str, Any]:
     return device, dtype
 
 
+# Decoded-row columns a result row carries unchanged.
+PASSED_THROUGH = ("shard", "role", "row", "key", "source_key", "sha256", "extra", "image", "shard_rows")
+
+
+def pixel_array(pixels: pa.ChunkedArray, rows: list[int]) -> np.ndarray:
+    """uint8 [len(rows), S, S, 3] from the given rows of a pixels column: one copy in Arrow, no bytes per row."""
+    picked = pixels.take(pa.array(rows, pa.int64())).combine_chunks()
+    offset_type = np.int64 if pa.types.is_large_binary(picked.type) else np.int32
+    offsets = np.frombuffer(picked.buffers()[1], dtype=offset_type)[picked.offset : picked.offset + len(rows) + 1]
+    data = np.frombuffer(picked.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    side = math.isqrt(len(data) // max(len(rows), 1) // 3)
+    if side * side * 3 * len(rows) != len(data) or len(set(np.diff(offsets).tolist())) > 1:
+        raise ValueError(f"decoded pixels of {len(rows)} rows are not equal-sized square RGB images")
+    return data.reshape(len(rows), side, side, 3)
+
+
 class CapFiltWorker:
     """Captioners + filters on one device. Plain Python: Ray runs it as an actor, benchmarks call it."""
 
@@ -268,28 +319,39 @@ class CapFiltWorker:
             scorer = Scorer(loaded.model, loaded.tokenizer, self.config.max_text_length, self.device, self.dtype)
             self.filters.append((model_id(ref, loaded.provenance), _preprocessing(loaded), scorer))
 
-    def pixel_values(self, pixels: np.ndarray, processor: dict[str, Any]):
-        """uint8 [B,H,W,3] -> the model's normalised float input, resized if its size differs."""
+    def device_images(self, pixels: np.ndarray):
+        """uint8 [B,H,W,3] on the model device; the array may be read-only Arrow memory (nothing writes to it)."""
+        import warnings
+
+        import torch
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(pixels).to(self.device)
+
+    def pixel_values(self, pixels, processor: dict[str, Any]):
+        """uint8 [B,H,W,3] (numpy, or a tensor on the device) -> the model's normalised input, resized if needed."""
         import torch
         import torch.nn.functional as F
 
-        images = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float()
+        if not isinstance(pixels, torch.Tensor):
+            pixels = self.device_images(pixels)
+        # Channels first while still uint8 (a quarter of the bytes to move), then normalise in place.
+        images = pixels.permute(0, 3, 1, 2).contiguous().float()
         size = processor["image_size"]
         if images.shape[-1] != size or images.shape[-2] != size:
             images = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
         mean = torch.tensor(processor["mean"], device=self.device).view(1, 3, 1, 1) * 255.0
         std = torch.tensor(processor["std"], device=self.device).view(1, 3, 1, 1) * 255.0
-        return ((images - mean) / std).to(self.dtype)
+        return images.sub_(mean).div_(std).to(self.dtype)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from capfilt.data.text import CaptionError, clean_caption, pre_caption
 
         config = self.config
-        columns = batch.to_pydict()
+        # Only what the per-row decisions read becomes Python; the other columns pass through as Arrow.
+        columns = {name: batch.column(name).to_pylist() for name in ("row", "role", "key", "caption", "reason", "detail")}
         n = batch.num_rows
-        results = {name: [] for name in RESULT_SCHEMA.names}
-        for name in ("shard", "role", "row", "key", "source_key", "sha256", "extra", "image", "shard_rows"):
-            results[name] = columns[name]
         texts: list[list[str]] = [[] for _ in range(n)]
         sources: list[list[str]] = [[] for _ in range(n)]
         models: list[list[str | None]] = [[] for _ in range(n)]
@@ -331,19 +393,29 @@ class CapFiltWorker:
         probs: dict[int, list] = {}
         sims: dict[int, list] = {}
         if scored:
-            pixels = np.stack([np.frombuffer(columns["pixels"][i], dtype=np.uint8) for i in scored])
-            side = math.isqrt(pixels.shape[1] // 3)
-            pixels = pixels.reshape(len(scored), side, side, 3)
+            images = self.device_images(pixel_array(batch.column("pixels"), scored))
+            normalised: dict[tuple, Any] = {}  # models with the same preprocessing share one input tensor
+
+            def pixel_values(processor: dict[str, Any]):
+                key = (processor["image_size"], tuple(processor["mean"]), tuple(processor["std"]))
+                if key not in normalised:
+                    normalised[key] = self.pixel_values(images, processor)
+                return normalised[key]
+
             keys = [columns["key"][i] for i in scored]
             for captioner_id, processor, captioner in self.captioners:
-                captions = captioner.generate(self.pixel_values(pixels, processor), keys, round=config.round)
+                captions = captioner.generate(pixel_values(processor), keys, round=config.round)
                 for i, image_captions in zip(scored, captions):
                     for caption in image_captions:
                         text = pre_caption(caption, config.max_caption_words)
                         add(i, text, SYNTHETIC, captioner_id, None if text else "caption_empty")
-            probs, sims = self._score(scored, pixels, texts, decisions)
+            probs, sims = self._score(scored, pixel_values, texts, decisions)
             for i in scored:
                 outcome[i] = KEPT if "kept" in decisions[i] else FILTERED
+        results = {}
+        for name in PASSED_THROUGH:
+            column, field_type = batch.column(name), RESULT_SCHEMA.field(name).type
+            results[name] = column if column.type == field_type else column.cast(field_type)
         results.update(
             outcome=outcome,
             reason=reason,
@@ -355,9 +427,9 @@ class CapFiltWorker:
             itm_probs=[probs.get(i, [None] * len(texts[i])) for i in range(n)],
             itc_sims=[sims.get(i, [None] * len(texts[i])) for i in range(n)],
         )
-        return pa.Table.from_pydict(results, schema=RESULT_SCHEMA)
+        return pa.Table.from_pydict({name: results[name] for name in RESULT_SCHEMA.names}, schema=RESULT_SCHEMA)
 
-    def _score(self, scored: list[int], pixels: np.ndarray, texts, decisions) -> tuple[dict, dict]:
+    def _score(self, scored: list[int], pixel_values, texts, decisions) -> tuple[dict, dict]:
         """Mean ITM probability and ITC similarity over the filters; sets each candidate's decision."""
         config = self.config
         candidates = [[j for j, d in enumerate(decisions[i]) if d is None] for i in scored]
@@ -365,7 +437,7 @@ class CapFiltWorker:
         sim_sum = [np.zeros(len(c)) for c in candidates]
         for _, processor, scorer in self.filters:
             scores = scorer.score(
-                self.pixel_values(pixels, processor),
+                pixel_values(processor),
                 [[texts[i][j] for j in c] for i, c in zip(scored, candidates)],
             )
             for r, image_scores in enumerate(scores):

@@ -82,7 +82,7 @@ def test_one_vision_pass_and_cross_attention_computed_once(caption_model, tokeni
         for hook in hooks:
             hook.remove()
     assert len(calls["vision"]) == 1  # one pass over the two images, not one per caption
-    assert calls["cross_key"] == [6]  # image keys for the 2 x 3 rows, once, reused at every step
+    assert calls["cross_key"] == [2]  # image keys once per image (not per caption), reused at every step
     assert len(calls["self_key"]) == 12 - 4  # one decoder step per new token
 
 

@@ -1,0 +1,467 @@
+"""MED training on Ray Train: one optimiser step, the worker loop, and the driver that runs it.
+
+The driver (:func:`train`) picks the resume point (the newest complete checkpoint under
+``<out_dir>/checkpoints``), builds one Ray Dataset per rank (:mod:`capfilt.training.data`) and runs
+a ``TorchTrainer`` (gloo on CPU, NCCL on GPU). Each worker (:func:`train_loop_per_worker`) builds
+or loads the MED, wraps it in DDP (``prepare_model``), and runs steps: ``grad_accumulation``
+micro-batches, AdamW, the learning rate of :func:`~capfilt.training.optim.lr_at`, bf16 autocast on
+GPU. Every ``checkpoint_every`` steps (and at the end) rank 0 writes a checkpoint
+(:mod:`capfilt.training.checkpoint`) and reports it to Ray Train, which copies it into the stage
+directory. Every random draw of step ``s`` on rank ``r`` comes from a generator seeded by
+(seed, s, r), and the data of step ``s`` is fixed by (seed, s), so a resumed run continues exactly.
+
+Rank 0 appends one JSON line per ``log_every`` steps to ``<out_dir>/train_log.jsonl``; the driver
+follows that file and passes each record to its ``log`` callable. The stage directory must be a
+filesystem path every worker can reach (local, or shared across nodes as Ray Train's storage is).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from capfilt.config import MedConfig, TrainConfig
+from capfilt.training import checkpoint as ckpt
+
+LOG_FILE = "train_log.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+LOSS_NAMES = ("loss", "loss_itc", "loss_itm", "loss_lm")
+
+
+# --------------------------------------------------------------------------------------------------
+# One step (no Ray: unit-testable)
+# --------------------------------------------------------------------------------------------------
+
+
+def autocast_for(device: torch.device, mixed_precision: str):
+    """bf16 autocast on GPU when ``auto``; everywhere when ``bf16``; never when ``off``."""
+    if mixed_precision == "off" or (mixed_precision == "auto" and device.type != "cuda"):
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[dict[str, torch.Tensor]],
+    *,
+    lr: float,
+    alpha: float,
+    objectives: tuple[str, ...],
+    prompt_length: int = 0,
+    autocast=None,
+) -> dict[str, torch.Tensor]:
+    """One optimiser step over ``micro_batches`` (gradients averaged); returns the mean losses (detached).
+
+    Under DDP only the last micro-batch synchronises gradients (``no_sync`` for the others).
+    """
+    from capfilt.training.optim import set_lr
+
+    set_lr(optimizer, lr)
+    count = len(micro_batches)
+    totals: dict[str, torch.Tensor] = {}
+    for index, batch in enumerate(micro_batches):
+        last = index == count - 1
+        sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast or nullcontext():
+                losses = model(**batch, alpha=alpha, objectives=objectives, prompt_length=prompt_length)
+            (losses["loss"] / count).backward()
+        for name, value in losses.items():
+            totals[name] = totals.get(name, 0.0) + value.detach().float() / count
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return totals
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A dataset batch → MED.forward arguments; texts are cut to the batch's longest (pads cost compute)."""
+    mask = batch["attention_mask"]
+    length = max(2, int(mask.sum(1).max()))
+    return {
+        "pixel_values": batch["pixel_values"].to(device, non_blocking=True),
+        "input_ids": batch["input_ids"][:, :length].to(device, non_blocking=True),
+        "attention_mask": mask[:, :length].to(device, non_blocking=True),
+        "image_ids": batch["image_ids"].to(device, non_blocking=True),
+    }
+
+
+def prompt_length_of(tokenizer, prompt: str) -> int:
+    """Tokens of the mode token plus the prompt, as BLIP: ``len(tokenizer(prompt).input_ids) - 1``."""
+    return len(tokenizer(prompt).input_ids) - 1 if prompt else 0
+
+
+def with_image_size(med_config: MedConfig, image_size: int | None) -> MedConfig:
+    """The model config at another input resolution (validated: it must stay a multiple of the patch)."""
+    if image_size is None or image_size == med_config.vision.image_size:
+        return med_config
+    dump = med_config.model_dump()
+    return MedConfig.model_validate({**dump, "vision": {**dump["vision"], "image_size": image_size}})
+
+
+def effective_med_config(med_config: MedConfig, config: TrainConfig) -> MedConfig:
+    """The model's alpha settings, overridden where the training config sets them."""
+    update = {}
+    if config.alpha is not None:
+        update["alpha"] = config.alpha
+    if config.alpha_rampup_steps is not None:
+        update["alpha_rampup_steps"] = config.alpha_rampup_steps
+    return med_config.model_copy(update=update) if update else med_config
+
+
+# --------------------------------------------------------------------------------------------------
+# The worker
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerSpec:
+    """What the driver hands every worker: plain data."""
+
+    config: dict  # TrainConfig dump
+    tokenizer_dir: str
+    log_path: str
+    start_step: int
+    checkpoints: str  # the checkpoints root, whose CURRENT file names the attempt allowed to write
+    attempt: str
+    model: dict | None = None  # MedConfig dump: a fresh MED of this size
+    init_med: str | None = None  # or a MED directory to start from
+    resume: str | None = None  # a checkpoint directory (wins over both)
+    fingerprint: str = ""
+
+
+class _Meter:
+    """Loss sums and timing between two log lines."""
+
+    def __init__(self, start_step: int):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.since = time.time()
+        self.since_step = start_step
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        for name, value in losses.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.count += 1
+
+    def summary(self, step: int, total: int, lr: float, alpha: float) -> dict[str, Any]:
+        import torch.distributed as dist
+
+        names = sorted(self.sums)
+        values = torch.stack([self.sums[name] for name in names]) / max(1, self.count)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(values)
+            values /= dist.get_world_size()
+        elapsed = time.time() - self.since
+        rate = (step - self.since_step) / elapsed if elapsed > 0 else 0.0
+        record = {name: round(float(value), 6) for name, value in zip(names, values.cpu())}
+        record.update(step=step, lr=lr, alpha=alpha, steps_per_s=round(rate, 4),
+                      eta_s=round((total - step) / rate, 1) if rate > 0 else None, time=time.time())
+        self.sums, self.count, self.since, self.since_step = {}, 0, time.time(), step
+        return record
+
+
+def _append(path: str, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _check_current(spec: WorkerSpec) -> None:
+    """Stop a worker whose run was superseded: a SIGKILLed driver's workers outlive it by a few
+    seconds, and must not write into a directory a resumed run now owns."""
+    current = ckpt.current_attempt(spec.checkpoints)
+    if current != spec.attempt:
+        raise RuntimeError(f"{spec.checkpoints}: attempt {spec.attempt} was superseded by {current}; stopping")
+
+
+def _build_med(spec: WorkerSpec, config: TrainConfig, tokenizer):
+    from capfilt.models.med import MED, load_med
+
+    if spec.resume:
+        return load_med(spec.resume)
+    if spec.init_med:
+        return load_med(spec.init_med, image_size=config.image_size)
+    model_config = with_image_size(MedConfig.model_validate(spec.model), config.image_size)
+    torch.manual_seed(config.seed)  # the same fresh weights on every rank (DDP also broadcasts rank 0's)
+    return MED.from_config(model_config, tokenizer)
+
+
+def train_loop_per_worker(spec_dict: dict) -> None:
+    """Ray Train's ``train_loop_per_worker``: steps ``[start_step, steps)`` of one run."""
+    import ray.train
+    import ray.train.torch
+
+    from capfilt.data.text import load_tokenizer
+    from capfilt.models.med import alpha_at
+    from capfilt.training.data import derived_seed
+    from capfilt.training.optim import lr_at, make_optimizer
+
+    spec = WorkerSpec(**spec_dict)
+    config = TrainConfig.model_validate(spec.config)
+    torch.set_num_threads(math.ceil(config.cpus_per_worker))
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = ray.train.torch.get_device()
+    tokenizer = load_tokenizer(spec.tokenizer_dir)
+
+    med = _build_med(spec, config, tokenizer)
+    med_config = effective_med_config(med.config, config)
+    objectives = tuple(config.objectives)
+    # DDP must not wait for gradients of heads an objective subset leaves unused; the queues and
+    # momentum encoders are the same on every rank (features are all-gathered), so no buffer broadcast.
+    model = ray.train.torch.prepare_model(
+        med, parallel_strategy_kwargs={"find_unused_parameters": len(objectives) < 3, "broadcast_buffers": False}
+    )
+    optimizer = make_optimizer(med, config)
+    if spec.resume:
+        optimizer.load_state_dict(ckpt.load_optimizer_state(spec.resume, device))
+    autocast = autocast_for(device, config.mixed_precision)
+    prompt_length = prompt_length_of(tokenizer, config.prompt)
+
+    shard = ray.train.get_dataset_shard(f"train_{rank}")
+    batches = iter(shard.iter_torch_batches(batch_size=config.micro_batch, prefetch_batches=2))
+    meter = _Meter(spec.start_step)
+    last_metrics: dict[str, Any] = {}
+    med.train()
+    for step in range(spec.start_step, config.steps):
+        torch.manual_seed(derived_seed("step", config.seed, step, rank))  # dropout, ITM negatives
+        micro = [model_inputs(next(batches), device) for _ in range(config.grad_accumulation)]
+        lr, alpha = lr_at(step, config), alpha_at(step, med_config)
+        losses = train_step(model, optimizer, micro, lr=lr, alpha=alpha, objectives=objectives,
+                            prompt_length=prompt_length, autocast=autocast)
+        meter.add(losses)
+        done = step + 1
+        if done % config.log_every == 0 or done == config.steps:
+            metrics = meter.summary(done, config.steps, lr, alpha)
+            if rank == 0:
+                _check_current(spec)
+                _append(spec.log_path, metrics)
+            last_metrics = metrics
+        # Only checkpoints go through ray.train.report: the controller takes one report per poll
+        # (about 2 s), so reporting every log step would throttle training to that pace.
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            with tempfile.TemporaryDirectory() as directory:
+                checkpoint = None
+                if rank == 0:
+                    _check_current(spec)
+                    ckpt.write(directory, med, optimizer, done, {"fingerprint": spec.fingerprint})
+                    checkpoint = ray.train.Checkpoint.from_directory(directory)
+                ray.train.report({**last_metrics, "step": done}, checkpoint=checkpoint,
+                                 checkpoint_dir_name=ckpt.checkpoint_name(done))
+            if rank == 0:
+                _append(spec.log_path, {"event": "checkpoint", "step": done})
+
+
+# --------------------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainJob:
+    """One training run: its config, where it lives, and the MED it starts from."""
+
+    config: TrainConfig
+    out_dir: str  # holds pairs/, checkpoints/, train_log.jsonl
+    tokenizer_dir: str
+    pair_files: list[str]
+    model: MedConfig | None = None  # pretraining from scratch: a fresh MED of this size
+    init_med: str | None = None  # fine-tuning / continued pretraining: this MED directory
+    fingerprint: str = ""
+    name: str = "train"  # prefix of progress lines
+
+
+def med_config_of(model_dir: str) -> MedConfig:
+    from capfilt.models.med import CONFIG_FILE
+
+    path = Path(model_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a MED directory written by save_med")
+    return MedConfig.model_validate(json.loads(path.read_text())["config"])
+
+
+def check_job(job: TrainJob, cluster: dict[str, float]) -> tuple[MedConfig, bool]:
+    """The model config the run trains and whether it uses GPUs; clear errors for impossible settings."""
+    config = job.config
+    if (job.model is None) == (job.init_med is None):
+        raise ValueError("a training job starts from exactly one of a model config (fresh) or init_med")
+    med_config = with_image_size(job.model if job.model is not None else med_config_of(job.init_med),
+                                 config.image_size)
+    if config.max_text_length > med_config.text.max_position_embeddings:
+        raise ValueError(f"max_text_length {config.max_text_length} exceeds the model's "
+                         f"max_position_embeddings {med_config.text.max_position_embeddings}")
+    global_micro = config.micro_batch * config.workers
+    if "itc" in config.objectives and med_config.queue_size % global_micro:
+        raise ValueError(f"the ITC queue ({med_config.queue_size}) must be a multiple of the global micro-batch "
+                         f"{global_micro} (batch_size {config.batch_size} / grad_accumulation {config.grad_accumulation})")
+    gpus = cluster.get("GPU", 0.0)
+    use_gpu = gpus >= config.workers if config.use_gpu == "auto" else bool(config.use_gpu)
+    if use_gpu and gpus < config.workers:
+        raise ValueError(f"use_gpu: {config.workers} workers need a GPU each; the cluster has {gpus:g}")
+    cpus_needed = config.workers * config.cpus_per_worker + config.data_cpus
+    if cluster.get("CPU", 0.0) < cpus_needed:
+        raise ValueError(
+            f"the cluster has {cluster.get('CPU', 0.0):g} CPUs; training needs {cpus_needed:g} "
+            f"({config.workers} workers x {config.cpus_per_worker:g} + {config.data_cpus:g} for decoding)"
+        )
+    return med_config, use_gpu
+
+
+def _rewind_log(path: str, step: int) -> None:
+    """Keep the records up to ``step`` (a resumed run re-logs the rest); drop a line torn by a kill."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.writelines(kept)
+    os.replace(temporary, path)
+
+
+def read_log(path: str) -> list[dict]:
+    records = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+    return records
+
+
+def format_record(name: str, record: dict, total: int) -> str:
+    losses = " ".join(f"{key[5:]} {record[key]:.4f}" for key in LOSS_NAMES[1:] if key in record)
+    eta = record.get("eta_s")
+    eta_text = f"{int(eta) // 60}m{int(eta) % 60:02d}s" if eta is not None else "?"
+    return (f"[{name}] step {record['step']}/{total} loss {record.get('loss', float('nan')):.4f} ({losses}) "
+            f"lr {record['lr']:.2e} {record.get('steps_per_s', 0):.2f} steps/s eta {eta_text}")
+
+
+def _fit_following(trainer, log_path: str, offset: int, name: str, total: int, log: Callable[[str], None]):
+    """``trainer.fit()`` in a thread while new log records are passed to ``log``."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # noqa: BLE001 -- re-raised in the caller's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, name="capfilt-train-fit", daemon=True)
+    thread.start()
+    while True:
+        thread.join(timeout=0.5)
+        offset = _emit_new(log_path, offset, name, total, log)
+        if not thread.is_alive():
+            break
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def _emit_new(path: str, offset: int, name: str, total: int, log: Callable[[str], None]) -> int:
+    if not os.path.exists(path):
+        return offset
+    with open(path, encoding="utf-8") as handle:
+        handle.seek(offset)
+        while True:
+            line = handle.readline()
+            if not line.endswith("\n"):
+                break  # not yet completely written
+            offset += len(line.encode("utf-8"))
+            record = json.loads(line)
+            if "loss" in record:
+                log(format_record(name, record, total))
+    return offset
+
+
+def train(job: TrainJob, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume, or find finished) the training job; returns the final checkpoint and what ran."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from capfilt.training.data import rank_dataset, rank_positions
+
+    config = job.config
+    if not ray.is_initialized():
+        ray.init()
+    med_config, use_gpu = check_job(job, ray.cluster_resources())
+    root = Path(job.out_dir).resolve() / CHECKPOINTS_DIR
+    log_path = str(Path(job.out_dir).resolve() / LOG_FILE)
+
+    found = ckpt.latest(root)
+    start_step = found[0] if found else 0
+    if start_step > config.steps:
+        raise ValueError(f"{root}: holds a checkpoint of step {start_step}, beyond steps {config.steps}")
+    started = time.time()
+    if start_step < config.steps:
+        attempt = ckpt.next_attempt(root)
+        ckpt.set_current_attempt(root, attempt)  # from now on an earlier run's workers stop writing
+        ckpt.prune(root, keep=found[1] if found else None)
+        _rewind_log(log_path, start_step)
+        offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
+        _append(log_path, {"event": "start", "step": start_step, "attempt": attempt, "time": time.time(),
+                           "resumed_from": str(found[1]) if found else None})
+        log(f"[{job.name}] {'resuming from step ' + str(start_step) if found else 'starting'}: "
+            f"{config.steps} steps of {config.batch_size} pairs on {config.workers} worker(s)"
+            f"{' with GPUs' if use_gpu else ''}; checkpoints in {root / attempt}")
+
+        image_config = config.image.model_dump_json()
+        udf_kwargs = {"pair_files": list(job.pair_files), "tokenizer_dir": str(job.tokenizer_dir),
+                      "image_size": med_config.vision.image_size, "image_config_json": image_config,
+                      "max_text_length": config.max_text_length, "prompt": config.prompt, "seed": config.seed}
+        datasets = {
+            f"train_{rank}": rank_dataset(
+                rank_positions(start_step, config.steps, config.batch_size, config.workers, rank),
+                config.micro_batch, udf_kwargs, config.data_cpus,
+            )
+            for rank in range(config.workers)
+        }
+        ingest = ray.train.DataConfig.default_ingest_options()
+        ingest.preserve_order = True  # Train resets each dataset's options to these: order is the resume contract
+        spec = WorkerSpec(
+            config=config.model_dump(mode="json"), tokenizer_dir=str(job.tokenizer_dir), log_path=log_path,
+            start_step=start_step, checkpoints=str(root), attempt=attempt,
+            model=job.model.model_dump(mode="json") if job.model is not None else None, init_med=job.init_med,
+            resume=str(found[1]) if found else None, fingerprint=job.fingerprint,
+        )
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=asdict(spec),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
+                                                   resources_per_worker={"CPU": config.cpus_per_worker}),
+            run_config=ray.train.RunConfig(
+                name=attempt, storage_path=str(root),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
+                failure_config=ray.train.FailureConfig(max_failures=0),
+            ),
+            datasets=datasets,
+            dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ingest),
+        )
+        _fit_following(trainer, log_path, offset, job.name, config.steps, log)
+    final = ckpt.latest(root)
+    if final is None or final[0] != config.steps:
+        raise RuntimeError(f"{root}: training ended without a checkpoint of step {config.steps} (found {final})")
+    return {"checkpoint": str(final[1]), "steps": config.steps, "start_step": start_step,
+            "seconds": round(time.time() - started, 1), "log": log_path}

@@ -1,0 +1,52 @@
+"""AdamW and the learning-rate schedule.
+
+The schedule is a pure function of the step (:func:`lr_at`), set on the optimiser before every step,
+so a resumed run needs no scheduler state: the step number is the state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from capfilt.config import TrainConfig
+
+# timm's ViT no_weight_decay(): the class token and position embedding are not shrunk towards zero.
+NO_DECAY_NAMES = ("class_embedding", "position_embedding")
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate of optimiser step ``step`` (0-based): linear warm-up, then cosine or step decay."""
+    if step < config.warmup_steps:
+        return config.warmup_lr + (config.lr - config.warmup_lr) * step / config.warmup_steps
+    if config.schedule == "cosine":
+        span = max(1, config.steps - config.warmup_steps)
+        progress = min(1.0, (step - config.warmup_steps) / span)
+        return config.min_lr + (config.lr - config.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    decays = (step - config.warmup_steps) // config.decay_every
+    return max(config.min_lr, config.lr * config.decay_rate**decays)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters in two groups: weight matrices decay; biases, norms, the ITC temperature
+    (all of ndim < 2) and the ViT's class/position embeddings do not. Tied parameters appear once."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue  # the momentum encoders follow by EMA, not by gradient
+        if param.ndim < 2 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, config.weight_decay), lr=lr_at(0, config))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

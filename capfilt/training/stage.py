@@ -1,0 +1,137 @@
+"""What the pretrain and fine-tune stages share: bind the stage directory to its inputs, materialise
+the pairs, train (resuming), save the MED, record the result last.
+
+Stage directory::
+
+    OUT/_capfilt.json        the inputs' fingerprint (claimed first; another configuration is refused)
+    OUT/pairs/               the training pairs (capfilt.data.pairs.write_pairs), _counts.json last
+    OUT/checkpoints/         Ray Train checkpoints while training (removed once the result is recorded)
+    OUT/train_log.jsonl      one record per log_every steps, plus start/checkpoint events
+    OUT/med/                 the final MED (save_med) with its tokenizer
+    OUT/_RESULT.json         the stage's result, written last: a rerun returns it without training
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from capfilt.config import MedConfig, PairSource, TrainConfig
+
+RESULT_FILE = "_RESULT.json"
+MED_DIR = "med"
+# Settings that change how a run executes, not what it computes: they may differ on resume.
+OPERATIONAL = {"workers", "cpus_per_worker", "data_cpus", "use_gpu", "mixed_precision", "log_every",
+               "checkpoint_every", "keep_checkpoints"}
+
+
+def file_digest(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def directory_digest(directory: str | Path, names: Sequence[str] | None = None) -> str:
+    """SHA-256 over the (name, content) of the given files, or of every file directly in ``directory``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: not a directory")
+    paths = [directory / name for name in names] if names else sorted(p for p in directory.iterdir() if p.is_file())
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0" + file_digest(path).encode())
+    return digest.hexdigest()
+
+
+def med_digest(model_dir: str | Path) -> str:
+    from capfilt.models.med import CONFIG_FILE, WEIGHTS_FILE
+
+    return directory_digest(model_dir, [CONFIG_FILE, WEIGHTS_FILE])
+
+
+def fingerprint(stage: str, train: TrainConfig, sources: Sequence[PairSource], tokenizer_dir: str,
+                model: MedConfig | None, init_med: str | None) -> dict[str, Any]:
+    return {
+        "stage": stage,
+        "train": train.model_dump(mode="json", exclude=OPERATIONAL),
+        "sources": [source.model_dump(mode="json") for source in sources],
+        "tokenizer": directory_digest(tokenizer_dir),
+        "model": model.model_dump(mode="json") if model is not None and init_med is None else None,
+        "init_med": {"path": str(init_med), "sha256": med_digest(init_med)} if init_med else None,
+    }
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    os.replace(temporary, path)
+
+
+def run_training_stage(
+    stage: str,
+    train: TrainConfig,
+    sources: Sequence[PairSource],
+    tokenizer_dir: str,
+    out_dir: str,
+    *,
+    model: MedConfig | None = None,
+    init_med: str | None = None,
+    export: Callable[[Any, Any, Path], dict[str, str]] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train one MED into ``out_dir`` (see the module docstring); ``export(med, tokenizer, out_dir)``
+    adds its model directories to the result."""
+    from capfilt.data.output import CommittedOutput, config_hash
+    from capfilt.data.pairs import pair_files, write_pairs
+    from capfilt.data.text import load_tokenizer
+    from capfilt.models.med import load_med, save_med
+    from capfilt.training import checkpoint as ckpt
+    from capfilt.training.loop import CHECKPOINTS_DIR, TrainJob
+    from capfilt.training.loop import train as run_train
+
+    if "://" in str(out_dir):
+        raise ValueError(f"{out_dir}: training stages write to a filesystem path (local or shared), not a URL")
+    if not sources:
+        raise ValueError(f"{stage}: no pair sources given")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    inputs = fingerprint(stage, train, sources, tokenizer_dir, model, init_med)
+    CommittedOutput(str(out)).claim(inputs)  # refuses a directory trained with other inputs
+    result_path = out / RESULT_FILE
+    if result_path.exists():
+        record = json.loads(result_path.read_text())
+        if record.get("hash") == config_hash(inputs):
+            log(f"[{stage}] complete in {out}, skipped")
+            return record["result"]
+
+    started = time.time()
+    pairs = write_pairs(sources, str(out))
+    log(f"[{stage}] {pairs['total']} pairs of {pairs['images']} images {pairs['by_source']}; "
+        f"rejected {pairs['rejects'] or 'none'}")
+    job = TrainJob(config=train, out_dir=str(out), tokenizer_dir=str(tokenizer_dir), pair_files=pair_files(str(out)),
+                   model=model if init_med is None else None, init_med=init_med,
+                   fingerprint=config_hash(inputs), name=stage)
+    trained = run_train(job, log)
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    med = load_med(trained["checkpoint"])
+    result: dict[str, Any] = {
+        "med": str(save_med(med, out / MED_DIR, tokenizer)),
+        "steps": train.steps,
+        "pairs": pairs,
+        "resumed_from_step": trained["start_step"] or None,
+        "log": trained["log"],
+    }
+    if export is not None:
+        result.update({name: str(path) for name, path in export(med, tokenizer, out).items()})
+    result["seconds"] = round(time.time() - started, 1)
+    _write_json(result_path, {"hash": config_hash(inputs), "result": result})
+    ckpt.remove_all(out / CHECKPOINTS_DIR)
+    log(f"[{stage}] done: {result['med']}")
+    return result

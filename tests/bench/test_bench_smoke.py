@@ -1,0 +1,129 @@
+"""Smoke runs of the benchmark scripts at tiny sizes: each runs and prints JSON with its documented fields.
+
+Nothing here asserts a speed: these prove the commands in bench/README.md work, not how fast.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from bench import _common as common  # noqa: E402
+from bench import scaling, throughput  # noqa: E402
+
+
+def _printed_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out)
+
+
+def _run_script(name: str, *args: str, timeout: int = 240) -> dict:
+    done = subprocess.run([sys.executable, str(REPO / "bench" / name), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local cluster for the in-process runs (or the session's, when another test module started one)."""
+    import ray
+
+    started = common.start_ray(2)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+def _assert_machine(record: dict) -> None:
+    assert record["cpus"] >= 1 and len(record["load_average_1_5_15"]) == 3
+
+
+def test_throughput_reports_all_three_ways_and_their_ratios(local_ray, capsys, tmp_path):
+    result = throughput.main(["--size", "test", "--flickr-images", "4", "--world-images", "8", "--world-image-size", "32",
+                              "--rows-per-shard", "4", "--ks", "1", "--batch-size", "4", "--loop-images", "2",
+                              "--ceiling-images", "4", "--repeats", "2", "--workdir", str(tmp_path)])
+    assert _printed_json(capsys) == json.loads(json.dumps(result, default=str))
+    assert result["benchmark"] == "throughput"
+    _assert_machine(result["machine"])
+    assert len(result["load_average_start_end"]) == 2
+    if (common.FLICKR / "images").is_dir():
+        assert "flickr8k" in result["datasets"]
+    else:
+        assert any("flickr8k skipped" in note for note in result["notes"])
+    world = result["datasets"]["world"]
+    assert world["rows"] == 8 and world["shards"] == 2
+    k1 = world["k1"]
+    assert k1["capfilt"]["images"] == 8 and k1["capfilt"]["images_per_s_total"] > 0
+    assert k1["capfilt"]["images_decoded"] == 8 and k1["capfilt"]["texts_scored"] == 16  # web + 1 synthetic each
+    assert {"wall_s", "startup_s", "steady_s", "images_per_s_steady", "commits"} <= set(k1["capfilt"])
+    assert k1["per_sample_loop"]["images"] == 2 and k1["per_sample_loop"]["images_per_s"] > 0
+    assert k1["model_ceiling"]["images"] > 0 and k1["model_ceiling"]["images_per_s"] > 0
+    assert len(k1["model_ceiling"]["rounds_images_per_s"]) == 2 and len(k1["per_sample_loop"]["rounds_images_per_s"]) == 2
+    assert set(k1["ratios"]) == {"capfilt_steady_over_loop", "capfilt_steady_over_ceiling",
+                                 "capfilt_total_over_ceiling", "ceiling_over_loop"}
+    assert k1["ratios"]["ceiling_over_loop"] > 0
+
+
+def test_scaling_runs_each_pool_size(local_ray, capsys, tmp_path):
+    result = scaling.main(["--size", "test", "--images", "8", "--image-size", "32", "--rows-per-shard", "4",
+                           "--actors", "1,2", "--batch-size", "4", "--workdir", str(tmp_path)])
+    assert _printed_json(capsys)["benchmark"] == "scaling"
+    assert set(result["runs"]) == {"1", "2"}
+    for run in result["runs"].values():
+        assert run["images"] == 8 and run["images_per_s_total"] > 0
+    assert result["speedup_over_first"]["images_per_s_total"]["1"] == 1.0
+    assert result["runs"]["2"]["cpus_per_actor"] == 0.5
+
+
+def test_memory_measures_driver_actors_and_readers_per_size():
+    result = _run_script("memory.py", "--rows", "8,16", "--rows-per-shard", "4", "--batch-size", "4",
+                         "--max-length", "8", "--min-length", "2", "--interval", "0.05")
+    assert result["benchmark"] == "memory"
+    assert [run["rows"] for run in result["runs"]] == [8, 16]
+    for run in result["runs"]:
+        memory = run["memory"]
+        assert memory["driver"]["peak_rss_mb"] > 0
+        assert memory["actors"]["processes"] >= 1 and memory["actors"]["peak_rss_mb"] > 0
+        assert memory["rss_timeline_mb"]
+        assert run["stage"]["images"] == run["rows"]
+    assert "driver.peak_rss_mb" in result["growth"] and "actors.peak_rss_mb" in result["growth"]
+    assert isinstance(result["within_target"], bool) and result["growth_target"] == 0.15
+
+
+def test_gpu_benchmark_runs_tiny_on_cpu_without_ray():
+    result = _run_script("gpu.py", "--tiny", "--seconds", "0.6", "--ks", "1,2")
+    assert result["benchmark"] == "gpu"
+    assert result["ray_imported"] is False
+    assert result["settings"]["model_size"] == "test"
+    for k in ("k1", "k2"):
+        entry = result["results"][k]
+        for measure in ("captioning", "filtering", "capfilt"):
+            assert entry[measure]["images_per_s"] > 0
+            assert entry["gflops_per_image"][measure] > 0
+        assert entry["gflops_per_image"]["capfilt"] == pytest.approx(
+            entry["gflops_per_image"]["captioning"] + entry["gflops_per_image"]["filtering"], rel=1e-3)
+    # More captions per image cost more FLOPs.
+    assert result["results"]["k2"]["gflops_per_image"]["captioning"] > result["results"]["k1"]["gflops_per_image"]["captioning"]
+    if result["device"] == "cpu":
+        assert result["peak_bf16_tflops"] is None and result["results"]["k1"]["utilisation"] is None
+
+
+def test_peak_table_and_steady_state_rates():
+    from bench import gpu
+
+    assert gpu.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpu.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert gpu.peak_flops("NVIDIA H200") == 989e12
+    assert gpu.peak_flops(None) is None
+    # Steady state runs from the first commit to the last and leaves the first commit's rows out.
+    rates = common.stage_rates(0.0, 12.0, [(2.0, 10), (4.0, 10), (6.0, 10), (10.0, 10)], 40)
+    assert rates["startup_s"] == 2.0 and rates["steady_s"] == 8.0
+    assert rates["images_per_s_steady"] == 30 / 8 and rates["images_per_s_total"] == round(40 / 12, 2)
+    assert common.stage_rates(0.0, 1.0, [(0.5, 4)], 4)["images_per_s_steady"] is None

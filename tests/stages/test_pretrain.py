@@ -1,0 +1,178 @@
+"""The pretrain stage on Ray Train: killed mid-run, it resumes exactly from its last checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from capfilt.config import ImageConfig, MedConfig, PairSource, ReaderConfig, TokenizerConfig, TrainConfig
+from capfilt.data.output import OutputConflictError
+from capfilt.stages.pretrain import prepare_tokenizer, run_pretrain
+from capfilt.training.loop import read_log
+
+STEPS, CHECKPOINT_EVERY = 60, 20
+
+# Run in a child process so the test can SIGKILL a driver that owns its own Ray cluster.
+CHILD = """
+import json, sys
+import ray
+from capfilt.config import MedConfig, PairSource, TrainConfig
+from capfilt.stages.pretrain import run_pretrain
+args = json.loads(open(sys.argv[1]).read())
+ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+run_pretrain(TrainConfig(**args["train"]), MedConfig(**args["model"]), args["tokenizer_dir"],
+             [PairSource(**source) for source in args["sources"]], args["out_dir"])
+"""
+
+
+def _model() -> MedConfig:
+    return MedConfig(preset="tiny", vision={"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "heads": 2,
+                                            "mlp_dim": 128},
+                     text={"width": 64, "layers": 1, "heads": 2, "mlp_dim": 128}, embed_dim=32, queue_size=64)
+
+
+def _train(**overrides) -> TrainConfig:
+    values = dict(steps=STEPS, batch_size=8, lr=1e-3, warmup_steps=2, schedule="cosine", min_lr=1e-4,
+                  checkpoint_every=CHECKPOINT_EVERY, log_every=1, image=ImageConfig(hflip_p=0.0))
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _sources(world) -> list[PairSource]:
+    # 8 human pairs and the usable rows of two web shards: about 16 pairs.
+    return [PairSource(kind="shards", role="human", reader=ReaderConfig(paths=world.human + "/*.parquet")),
+            PairSource(kind="shards", role="web", reader=ReaderConfig(paths=world.web + "/0000{0..1}.parquet"))]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(small_world, tmp_path_factory):
+    return prepare_tokenizer(TokenizerConfig(vocab_size=200), _sources(small_world),
+                             str(tmp_path_factory.mktemp("tokenizer")), log=lambda _: None)
+
+
+def test_prepare_tokenizer_trains_on_the_captions_once(small_world, tokenizer_dir):
+    from capfilt.data.text import load_tokenizer
+    from capfilt.models.tokens import special_ids
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    assert {"dec", "enc"} <= set(special_ids(tokenizer))
+    assert "circle" in tokenizer.get_vocab() or "square" in tokenizer.get_vocab()  # whole words of the world
+    messages = []
+    prepare_tokenizer(TokenizerConfig(vocab_size=200), _sources(small_world), tokenizer_dir, log=messages.append)
+    assert messages == [f"[tokenizer] complete in {tokenizer_dir}, skipped"]
+
+
+def test_prepare_tokenizer_copies_an_existing_one(tokenizer, tmp_path):
+    from capfilt.data.text import load_tokenizer
+
+    tokenizer.save_pretrained(tmp_path / "given")
+    out = prepare_tokenizer(TokenizerConfig(source=str(tmp_path / "given")), [], str(tmp_path / "run"),
+                            log=lambda _: None)
+    assert load_tokenizer(out).get_vocab() == tokenizer.get_vocab()
+
+
+def _wait_for(condition, process, timeout_s: float, what: str) -> None:
+    deadline = time.time() + timeout_s
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"the pretrain child exited ({process.returncode}) before {what}: "
+                                 f"{process.stderr.read().decode()[-3000:]}")
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _wait_until_quiet(path: Path, seconds: float, timeout_s: float) -> None:
+    deadline, last, since = time.time() + timeout_s, None, time.time()
+    while time.time() < deadline:
+        size = path.stat().st_size
+        if size != last:
+            last, since = size, time.time()
+        elif time.time() - since >= seconds:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{path} kept growing after its driver was killed")
+
+
+def _losses(records) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_killed_pretraining_resumes_from_its_checkpoint_and_learns(ray_cluster, small_world, tokenizer_dir,
+                                                                    tmp_path):
+    from capfilt.models.med import load_med
+
+    out_dir = tmp_path / "pretrain"
+    args = {"train": _train().model_dump(mode="json"), "model": _model().model_dump(mode="json"),
+            "tokenizer_dir": tokenizer_dir, "sources": [s.model_dump(mode="json") for s in _sources(small_world)],
+            "out_dir": str(out_dir)}
+    (tmp_path / "args.json").write_text(json.dumps(args))
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "args.json")], cwd=Path.cwd(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    log_path = out_dir / "train_log.jsonl"
+    try:
+        # Kill the driver once it has trained past its first checkpoint.
+        _wait_for(lambda: max(_losses(read_log(str(log_path))), default=0) >= CHECKPOINT_EVERY + 3, child, 240,
+                  "training past the first checkpoint")
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait(timeout=30)
+    # The dead driver's Ray workers outlive it by a moment; let them go before the rerun (which would
+    # stop them anyway: see capfilt.training.checkpoint.CURRENT_FILE).
+    _wait_until_quiet(log_path, seconds=3.0, timeout_s=60)
+    killed_losses = _losses(read_log(str(log_path)))
+    first = out_dir / "checkpoints" / "attempt-000" / f"step_{CHECKPOINT_EVERY:08d}"
+    state = json.loads((first / "state.json").read_text())
+    assert {"med.safetensors", "med.json", "optimizer.pt"} <= set(state["files"])
+    assert not (out_dir / "_RESULT.json").exists()
+
+    messages: list[str] = []
+    result = run_pretrain(_train(), _model(), tokenizer_dir, _sources(small_world), str(out_dir),
+                          log=messages.append)
+
+    resumed = result["resumed_from_step"]
+    assert resumed is not None and resumed % CHECKPOINT_EVERY == 0 and CHECKPOINT_EVERY <= resumed < STEPS
+    assert any(f"resuming from step {resumed}" in message for message in messages)
+    assert sum(message.startswith("[pretrain] step ") for message in messages) == STEPS - resumed
+    records = read_log(str(log_path))
+    starts = [r for r in records if r.get("event") == "start"]
+    assert [s["step"] for s in starts] == [0, resumed] and starts[-1]["resumed_from"].endswith(
+        f"step_{resumed:08d}")
+    losses = _losses(records)
+    assert sorted(losses) == list(range(1, STEPS + 1))  # each step once: the killed run's tail was rewound
+    # Same data, same random draws: the steps both runs trained agree exactly.
+    overlap = [step for step in killed_losses if step > resumed]
+    assert overlap
+    assert all(losses[step] == pytest.approx(killed_losses[step], abs=1e-5) for step in overlap)
+    # It learns: the captioning loss falls fastest on 16 pairs; the total falls too.
+    def mean(name, steps):
+        by_step = {r["step"]: r[name] for r in records if name in r}
+        return sum(by_step[s] for s in steps) / len(steps)
+
+    first, last = range(1, 6), range(STEPS - 4, STEPS + 1)
+    assert mean("loss_lm", last) < 0.9 * mean("loss_lm", first)
+    assert mean("loss", last) < 0.95 * mean("loss", first)
+
+    assert result["steps"] == STEPS and result["pairs"]["by_source"]["human"] == 8
+    assert result["pairs"]["total"] == sum(result["pairs"]["by_source"].values()) >= 14
+    med = load_med(result["med"])
+    assert med.config.vision.image_size == 32
+    assert (Path(result["med"]) / "tokenizer.json").is_file()
+    assert not (out_dir / "checkpoints").exists()
+
+    # Complete: a rerun returns the record without training; other settings are refused.
+    again: list[str] = []
+    assert run_pretrain(_train(), _model(), tokenizer_dir, _sources(small_world), str(out_dir),
+                        log=again.append) == result
+    assert again == [f"[pretrain] complete in {out_dir}, skipped"]
+    with pytest.raises(OutputConflictError, match="train.lr"):
+        run_pretrain(_train(lr=5e-4), _model(), tokenizer_dir, _sources(small_world), str(out_dir))

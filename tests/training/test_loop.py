@@ -1,0 +1,100 @@
+"""One optimiser step without Ray: gradient accumulation, and the training log's rewind."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from capfilt.config import TrainConfig
+from capfilt.training.loop import _rewind_log, format_record, model_inputs, prompt_length_of, read_log, train_step
+from capfilt.training.optim import make_optimizer
+
+from tests.training.conftest import small_med_config
+
+# Same token count per text, so the LM loss (a mean over tokens) splits evenly into micro-batches.
+TEXTS = ["a red circle", "a blue square", "a green star", "a black square"]
+
+
+def test_two_micro_batches_equal_one_batch_of_both(tokenizer):
+    from capfilt.models.med import MED
+
+    tokens = tokenizer(TEXTS, padding="longest", return_tensors="pt")
+    assert bool(tokens.attention_mask.all())
+    torch.manual_seed(0)
+    batch = {"pixel_values": torch.randn(4, 3, 32, 32), "input_ids": tokens.input_ids,
+             "attention_mask": tokens.attention_mask, "image_ids": torch.arange(4)}
+    halves = [{name: value[i : i + 2] for name, value in batch.items()} for i in (0, 2)]
+
+    config = TrainConfig(warmup_steps=0, lr=1e-3)
+    whole = MED.from_config(small_med_config(), tokenizer)
+    split = copy.deepcopy(whole)
+    results = []
+    for model, micro in ((whole, [batch]), (split, halves)):
+        optimizer = make_optimizer(model, config)
+        results.append(train_step(model, optimizer, micro, lr=1e-3, alpha=0.0, objectives=("lm",)))
+    assert torch.allclose(results[0]["loss"], results[1]["loss"], atol=1e-6)
+    for (name, a), b in zip(whole.named_parameters(), split.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert not torch.equal(whole.text_decoder.cls.predictions.bias, MED.from_config(small_med_config(), tokenizer)
+                           .text_decoder.cls.predictions.bias)  # the step did change the model
+
+
+def test_model_inputs_cut_texts_to_the_longest_in_the_batch():
+    batch = {"pixel_values": torch.zeros(2, 3, 4, 4), "input_ids": torch.arange(20).view(2, 10),
+             "attention_mask": torch.tensor([[1] * 4 + [0] * 6, [1] * 6 + [0] * 4]), "image_ids": torch.tensor([1, 2])}
+    inputs = model_inputs(batch, torch.device("cpu"))
+    assert inputs["input_ids"].shape == (2, 6) and inputs["attention_mask"].shape == (2, 6)
+
+
+def test_prompt_length_counts_the_mode_token_and_the_prompt(tokenizer):
+    assert prompt_length_of(tokenizer, "") == 0
+    assert prompt_length_of(tokenizer, "a picture of ") == len(tokenizer("a picture of").input_ids) - 1
+
+
+def test_rewinding_the_log_keeps_records_up_to_the_resume_step(tmp_path):
+    path = tmp_path / "train_log.jsonl"
+    records = [{"event": "start", "step": 0}] + [{"step": s, "loss": 1.0 / s, "lr": 1e-4} for s in range(1, 8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 8, "lo')  # torn by a kill
+    _rewind_log(str(path), 5)
+    assert [r["step"] for r in read_log(str(path))] == [0, 1, 2, 3, 4, 5]
+    line = format_record("pretrain", {"step": 5, "loss": 0.2, "loss_itc": 0.1, "lr": 1e-4, "steps_per_s": 2.0,
+                                      "eta_s": 75}, 10)
+    assert line == "[pretrain] step 5/10 loss 0.2000 (itc 0.1000) lr 1.00e-04 2.00 steps/s eta 1m15s"
+
+
+def test_a_bf16_autocast_step_runs_all_three_objectives(tokenizer):
+    from capfilt.models.med import MED
+    from capfilt.training.loop import autocast_for
+
+    tokens = tokenizer(TEXTS, padding="longest", return_tensors="pt")
+    torch.manual_seed(0)
+    batch = {"pixel_values": torch.randn(4, 3, 32, 32), "input_ids": tokens.input_ids,
+             "attention_mask": tokens.attention_mask, "image_ids": torch.arange(4)}
+    med = MED.from_config(small_med_config(queue_size=8), tokenizer)
+    assert autocast_for(torch.device("cpu"), "auto").__class__.__name__ == "nullcontext"  # auto: GPU only
+    losses = train_step(med, make_optimizer(med, TrainConfig(warmup_steps=0)), [batch], lr=1e-4, alpha=0.4,
+                        objectives=("itc", "itm", "lm"), autocast=autocast_for(torch.device("cpu"), "bf16"))
+    assert set(losses) == {"loss", "loss_itc", "loss_itm", "loss_lm"}
+    assert all(torch.isfinite(value) for value in losses.values())
+    assert med.image_queue.dtype == torch.float32 and int(med.queue_ptr) == 4
+
+
+def test_impossible_settings_fail_before_any_worker_starts(tmp_path):
+    from capfilt.training.loop import TrainJob, check_job
+
+    def job(**train):
+        return TrainJob(config=TrainConfig(**train), out_dir=str(tmp_path), tokenizer_dir="", pair_files=[],
+                        model=small_med_config())  # queue of 64
+
+    assert check_job(job(batch_size=8), {"CPU": 2.0}) == (small_med_config(), False)
+    with pytest.raises(ValueError, match="queue \\(64\\) must be a multiple of the global micro-batch 24"):
+        check_job(job(batch_size=24), {"CPU": 2.0})
+    with pytest.raises(ValueError, match="has 2 CPUs; training needs 3"):
+        check_job(job(batch_size=8, workers=2), {"CPU": 2.0})
+    with pytest.raises(ValueError, match="need a GPU each"):
+        check_job(job(batch_size=8, use_gpu=True), {"CPU": 2.0})
+    with pytest.raises(ValueError, match="max_text_length 80 exceeds"):
+        check_job(job(batch_size=8, max_text_length=80), {"CPU": 2.0})
