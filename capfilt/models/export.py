@@ -24,8 +24,7 @@ from capfilt.data.text import load_tokenizer
 from capfilt.models.tokens import special_ids
 
 # The reference (CLIP) normalisation; test-time resize is a bicubic square resize, no crop.
-IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
-IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+from capfilt.config import CLIP_MEAN as IMAGE_MEAN, CLIP_STD as IMAGE_STD  # noqa: E402 -- one source of the constants
 
 
 def blip_config(med) -> BlipConfig:
