@@ -61,3 +61,45 @@ def tiny_models(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("models")
     return {"captioner": str(export_captioner(med, tokenizer, root / "captioner")),
             "filter": str(export_filter(med, tokenizer, root / "filter"))}
+
+
+@pytest.fixture
+def s3_server():
+    """A real S3-protocol server (moto) on loopback with a fresh bucket, emptied afterwards.
+
+    moto keeps its state per process, not per server, so each test gets its own bucket name and the
+    state is reset when the test ends; otherwise one test's objects appear in the next one's output.
+    """
+    import uuid
+
+    import boto3
+    import requests
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
+                              aws_secret_access_key="testing", region_name="us-east-1")
+        bucket = f"capfilt-{uuid.uuid4().hex[:12]}"
+        client.create_bucket(Bucket=bucket)
+        yield _S3(endpoint=endpoint, bucket=bucket, client=client)
+        requests.post(f"{endpoint}/moto-api/reset", timeout=10)
+    finally:
+        server.stop()
+
+
+class _S3:
+    def __init__(self, endpoint, bucket, client):
+        self.endpoint, self.bucket, self.client = endpoint, bucket, client
+
+    @property
+    def storage_options(self) -> dict:
+        """fsspec/s3fs options that reach this server."""
+        return {"key": "testing", "secret": "testing",
+                "client_kwargs": {"endpoint_url": self.endpoint, "region_name": "us-east-1"}}
+
+    def url(self, path: str) -> str:
+        return f"s3://{self.bucket}/{path}"

@@ -141,29 +141,18 @@ def test_expand_paths_and_read_through_fsspec_memory(tmp_path):
     assert table.num_rows == len(SAMPLES)
 
 
-def test_s3_with_storage_options(tmp_path):
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        endpoint = "http://127.0.0.1:%d" % server.get_host_and_port()[1]
-        credentials = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **credentials)
-        client.create_bucket(Bucket="capfilt-shards")
-        local = write_img2dataset_shard(tmp_path, 0, SAMPLES)
-        client.upload_file(local, "capfilt-shards", "run/00000.parquet")
-        config = ReaderConfig(
-            paths="s3://capfilt-shards/run/*.parquet",
-            storage_options={"endpoint_url": endpoint, "key": "testing", "secret": "testing"},
-        )
-        reader = make_reader(config)
-        assert reader.paths() == ["s3://capfilt-shards/run/00000.parquet"]
-        table = pa.concat_tables(list(reader.read()))
-        assert table["key"].to_pylist() == [f"00000000{i}" for i in range(5)]
-    finally:
-        server.stop()
+def test_s3_with_storage_options(tmp_path, s3_server):
+    local = write_img2dataset_shard(tmp_path, 0, SAMPLES)
+    s3_server.client.upload_file(local, s3_server.bucket, "run/00000.parquet")
+    # endpoint_url at the top level, as users write it for s3fs, rather than under client_kwargs.
+    config = ReaderConfig(
+        paths=s3_server.url("run/*.parquet"),
+        storage_options={"endpoint_url": s3_server.endpoint, "key": "testing", "secret": "testing"},
+    )
+    reader = make_reader(config)
+    assert reader.paths() == [s3_server.url("run/00000.parquet")]
+    table = pa.concat_tables(list(reader.read()))
+    assert table["key"].to_pylist() == [f"00000000{i}" for i in range(5)]
 
 
 # --------------------------------------------------------------------------------------------------

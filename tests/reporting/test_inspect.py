@@ -169,37 +169,24 @@ def test_storage_options_parse_json_values_over_the_environment():
         parse_storage_options([], {"CAPFILT_STORAGE_OPTIONS": "{nope"})
 
 
-def test_inspect_and_report_read_an_output_on_s3(capfilt_output, tmp_path):
-    import boto3
-    from moto.server import ThreadedMotoServer
+def test_inspect_and_report_read_an_output_on_s3(capfilt_output, tmp_path, s3_server):
+    root = capfilt_output.path
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        s3_server.client.upload_file(str(path), s3_server.bucket, f"out/{path.relative_to(root)}")
+    client = json.dumps({"endpoint_url": s3_server.endpoint, "region_name": "us-east-1"})
+    url = s3_server.url("out")
+    result = _cli("inspect", url, "--json", "--samples", "2", "--storage-option", "key=testing",
+                  "--storage-option", "secret=testing", "--storage-option", f"client_kwargs={client}")
+    assert result.exit_code == 0, result.output
+    remote, local = json.loads(result.output), inspect_output(root, samples=2)
+    for field in ("finished", "pairs", "rejects", "scores", "kept_fraction", "samples", "shards", "problems"):
+        assert remote[field] == local[field], field
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-                          region_name="us-east-1")
-        s3.create_bucket(Bucket="capfilt")
-        root = capfilt_output.path
-        for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
-            s3.upload_file(str(path), "capfilt", f"out/{path.relative_to(root)}")
-        client = json.dumps({"endpoint_url": endpoint, "region_name": "us-east-1"})
-        result = _cli("inspect", "s3://capfilt/out", "--json", "--samples", "2", "--storage-option", "key=testing",
-                      "--storage-option", "secret=testing", "--storage-option", f"client_kwargs={client}")
-        assert result.exit_code == 0, result.output
-        remote, local = json.loads(result.output), inspect_output(root, samples=2)
-        for field in ("finished", "pairs", "rejects", "scores", "kept_fraction", "samples", "shards", "problems"):
-            assert remote[field] == local[field], field
-
-        environ = {"CAPFILT_STORAGE_OPTIONS": json.dumps({"key": "testing", "secret": "testing",
-                                                          "client_kwargs": json.loads(client)})}
-        html = tmp_path / "s3.html"
-        result = CliRunner().invoke(main, ["report", "s3://capfilt/out", "-o", str(html)], env=environ)
-        assert result.exit_code == 0, result.output
-        assert "s3://capfilt/out" in html.read_text() and 'class="thumb" src="data:image/jpeg' in html.read_text()
-    finally:
-        server.stop()
+    environ = {"CAPFILT_STORAGE_OPTIONS": json.dumps(s3_server.storage_options)}
+    html = tmp_path / "s3.html"
+    result = CliRunner().invoke(main, ["report", url, "-o", str(html)], env=environ)
+    assert result.exit_code == 0, result.output
+    assert url in html.read_text() and 'class="thumb" src="data:image/jpeg' in html.read_text()
 
 
 def test_an_output_killed_before_its_first_commit(capfilt_output, tmp_path):

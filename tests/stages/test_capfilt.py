@@ -185,40 +185,28 @@ def test_resume_after_an_actor_process_is_killed(baseline, small_world, tiny_mod
     assert _rows(target) == _rows(output)
 
 
-def test_s3_input_and_output_on_a_real_s3_protocol_server(baseline, small_world, tiny_models):
-    import boto3
-    from moto.server import ThreadedMotoServer
-
+def test_s3_input_and_output_on_a_real_s3_protocol_server(baseline, small_world, tiny_models, s3_server):
     output, _ = baseline
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-                          region_name="us-east-1")
-        s3.create_bucket(Bucket="capfilt")
-        for split in ("web", "human"):
-            for path in small_world.shards[split]:
-                s3.upload_file(str(path), "capfilt", f"world/{split}/{Path(path).name}")
-        config = _config(
-            small_world, tiny_models,
-            web=ReaderConfig(paths="s3://capfilt/world/web/*.parquet", storage_options=options),
-            human=ReaderConfig(paths="s3://capfilt/world/human/{00000..00001}.parquet", storage_options=options),
-            output_storage_options=options,
-        )
-        manifest = run_capfilt(config, "s3://capfilt/out")
-        names = {item["Key"] for item in s3.list_objects_v2(Bucket="capfilt", Prefix="out/")["Contents"]}
-        assert "out/_SUCCESS" in names and "out/manifest.json" in names
-        assert manifest["totals"]["rows_in"] == sum(pq.read_metadata(p).num_rows for s in ("web", "human") for p in small_world.shards[s])
-        import s3fs
+    options = s3_server.storage_options
+    for split in ("web", "human"):
+        for path in small_world.shards[split]:
+            s3_server.client.upload_file(str(path), s3_server.bucket, f"world/{split}/{Path(path).name}")
+    config = _config(
+        small_world, tiny_models,
+        web=ReaderConfig(paths=s3_server.url("world/web/*.parquet"), storage_options=options),
+        human=ReaderConfig(paths=s3_server.url("world/human/{00000..00001}.parquet"), storage_options=options),
+        output_storage_options=options,
+    )
+    manifest = run_capfilt(config, s3_server.url("out"))
+    listing = s3_server.client.list_objects_v2(Bucket=s3_server.bucket, Prefix="out/")["Contents"]
+    names = {item["Key"] for item in listing}
+    assert "out/_SUCCESS" in names and "out/manifest.json" in names
+    assert manifest["totals"]["rows_in"] == sum(pq.read_metadata(p).num_rows for s in ("web", "human") for p in small_world.shards[s])
+    import s3fs
 
-        fs = s3fs.S3FileSystem(**options)
-        pairs = pq.read_table("capfilt/out/pairs", filesystem=fs)
-        local = pq.read_table(f"{output}/pairs")
-        assert sorted(zip(pairs["key"].to_pylist(), pairs["text"].to_pylist())) == sorted(
-            zip(local["key"].to_pylist(), local["text"].to_pylist()))
-        assert all(url.startswith("s3://capfilt/world/") for url in pairs["shard"].to_pylist())
-    finally:
-        server.stop()
+    fs = s3fs.S3FileSystem(**options)
+    pairs = pq.read_table(f"{s3_server.bucket}/out/pairs", filesystem=fs)
+    local = pq.read_table(f"{output}/pairs")
+    assert sorted(zip(pairs["key"].to_pylist(), pairs["text"].to_pylist())) == sorted(
+        zip(local["key"].to_pylist(), local["text"].to_pylist()))
+    assert all(url.startswith(s3_server.url("world/")) for url in pairs["shard"].to_pylist())
