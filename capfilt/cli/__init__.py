@@ -54,7 +54,9 @@ def run(pipeline: str, run_dir: str | None, address: str | None) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=config.ray.num_cpus, object_store_memory=config.ray.object_store_memory,
+        # "local" always starts a fresh cluster; a bare ray.init() would join whatever cluster this
+        # machine last started (/tmp/ray/ray_current_cluster), possibly a dead one.
+        ray.init(address="local", num_cpus=config.ray.num_cpus, object_store_memory=config.ray.object_store_memory,
                  include_dashboard=False)
     try:
         run_pipeline(config, run_dir)
