@@ -49,6 +49,7 @@ def child(args) -> dict[str, Any]:
         sampling={"num_captions": args.k, "max_length": args.max_length, "min_length": args.min_length},
         batch_size=args.batch_size,
         **({"rows_per_file": args.rows_per_file} if args.rows_per_file else {}),
+        **({"max_buffer_bytes": args.max_buffer_bytes} if args.max_buffer_bytes else {}),
     )
     sampler = common.MemorySampler(interval_s=args.interval)
     sampler.start()  # before Ray starts, so the baseline is in the driver's peak
@@ -87,6 +88,8 @@ def parse_args(argv=None):
     parser.add_argument("--min-length", type=int, default=5)
     parser.add_argument("--rows-per-file", type=int, default=None,
                         help="capfilt.rows_per_file (default: capfilt's own); the driver buffers this many rows")
+    parser.add_argument("--max-buffer-bytes", type=int, default=None,
+                        help="capfilt.max_buffer_bytes (default: capfilt's own); or this many bytes of finished shards")
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--interval", type=float, default=0.25, help="seconds between memory samples")
     parser.add_argument("--workdir", default=None)
@@ -128,6 +131,8 @@ def main(argv=None) -> dict[str, Any]:
                        "--num-cpus", str(args.num_cpus), "--interval", str(args.interval)]
             if args.rows_per_file:
                 command += ["--rows-per-file", str(args.rows_per_file)]
+            if args.max_buffer_bytes:
+                command += ["--max-buffer-bytes", str(args.max_buffer_bytes)]
             done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
             runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     result: dict[str, Any] = {
@@ -136,6 +141,7 @@ def main(argv=None) -> dict[str, Any]:
         "settings": {"model_size": args.size, "image_size": args.image_size, "rows_per_shard": args.rows_per_shard,
                      "batch_size": args.batch_size, "k": args.k, "lengths": [args.min_length, args.max_length],
                      "rows_per_file": args.rows_per_file or "capfilt default",
+                     "max_buffer_bytes": args.max_buffer_bytes or "capfilt default",
                      "ray_cpus": args.num_cpus},
         "runs": runs,
     }

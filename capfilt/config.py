@@ -15,6 +15,32 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# Marks a field that changes how a stage runs (batching, parallelism, file sizes, logging) but not what
+# it produces: a finished stage is not redone, nor a resumed one refused, when only such fields change.
+RUNTIME: dict[str, Any] = {"runtime": True}
+
+
+def identity(section: BaseModel) -> dict[str, Any]:
+    """``section`` as JSON without its RUNTIME fields (recursively): what its results depend on."""
+    out: dict[str, Any] = {}
+    for name, field in type(section).model_fields.items():
+        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("runtime"):
+            continue
+        value = getattr(section, name)
+        out[name] = identity(value) if isinstance(value, BaseModel) else _json(value)
+    return out
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return identity(value)
+    if isinstance(value, (list, tuple)):
+        return [_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json(v) for k, v in value.items()}
+    return value
+
+
 # --------------------------------------------------------------------------------------------------
 # Model sizes
 # --------------------------------------------------------------------------------------------------
@@ -51,6 +77,12 @@ class TextConfig(Section):
     max_position_embeddings: int = Field(512, gt=0)
     # The reference trains with dropout 0.1; transformers' BlipTextConfig defaults to 0.0.
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    attention_init_gain: float = Field(
+        1.0, gt=0.0,
+        description="from-scratch init only: scales the attention value and output weights. BERT is post-LN, so "
+        "at std 0.02 a narrow tower's attention adds ~5% to the residual and [CLS] (ITC) and the image "
+        "(ITM, LM) barely reach the output; pretrained BERT never starts there, a from-scratch tower does",
+    )
     layer_norm_eps: float = 1e-12
 
     @model_validator(mode="after")
@@ -64,7 +96,8 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # Trains on a laptop CPU in seconds; used by the demo and the tests.
     "tiny": {
         "vision": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 3, "heads": 4, "mlp_dim": 512},
-        "text": {"width": 128, "layers": 3, "heads": 4, "mlp_dim": 512, "max_position_embeddings": 64},
+        "text": {"width": 128, "layers": 3, "heads": 4, "mlp_dim": 512, "max_position_embeddings": 64,
+                 "attention_init_gain": 4.0},
         "embed_dim": 128,
         "queue_size": 1024,
     },
@@ -101,7 +134,11 @@ class MedConfig(Section):
     text: TextConfig = TextConfig()
     vocab_size: int | None = Field(None, gt=0, description="None: follow the tokenizer")
     embed_dim: int = Field(256, gt=0, description="ITC projection size")
-    queue_size: int = Field(57600, gt=0, description="ITC momentum feature queue length")
+    queue_size: int = Field(
+        57600, ge=0,
+        description="ITC momentum feature queue length; 0: in-batch negatives only. From scratch, a queue "
+        "lets ITC separate this step's features from older ones instead of images from texts (see README)",
+    )
     momentum: float = Field(0.995, ge=0.0, le=1.0)
     temperature_init: float = Field(0.07, gt=0.0)
     temperature_min: float = 0.001
@@ -180,7 +217,7 @@ class ReaderConfig(Section):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options, e.g. {endpoint_url, key, secret} for S3"
     )
-    batch_size: int = Field(256, gt=0, description="rows per record batch")
+    batch_size: int = Field(256, gt=0, description="rows per record batch", json_schema_extra=RUNTIME)
     caption_column: str = "caption"
     image_column: str | None = Field(None, description="None: whichever of jpg/png/webp the shard has")
     key_column: str | None = Field("key", description="None, or absent from a shard: derive keys from file and row")
@@ -385,15 +422,26 @@ class TrainConfig(Section):
         description="augmentation; set image.hflip_p 0 where captions say left/right (the generated world)",
     )
     image_size: int | None = Field(None, gt=0, description="train resolution; None: the model's (re-grids if set)")
-    checkpoint_every: int = Field(100, gt=0, description="steps between checkpoints (the last step always saves)")
-    keep_checkpoints: int = Field(2, ge=1)
-    workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks)")
-    cpus_per_worker: float = Field(1.0, gt=0.0, description="Ray CPUs per worker; torch threads: this, rounded up")
-    data_cpus: float = Field(1.0, gt=0.0, description="CPUs per Ray Data decode task (leave them free of workers)")
-    use_gpu: bool | Literal["auto"] = Field("auto", description="auto: when the cluster has GPUs")
-    mixed_precision: Literal["auto", "bf16", "off"] = Field("auto", description="auto: bf16 autocast on GPU only")
+    checkpoint_every: int = Field(
+        100, gt=0, description="steps between checkpoints (the last step always saves)", json_schema_extra=RUNTIME
+    )
+    keep_checkpoints: int = Field(2, ge=1, json_schema_extra=RUNTIME)
+    # RUNTIME: the data order is a function of (seed, step) alone, so a run may resume on more or fewer workers.
+    workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks)", json_schema_extra=RUNTIME)
+    cpus_per_worker: float = Field(
+        1.0, gt=0.0, description="Ray CPUs per worker; torch threads: this, rounded up", json_schema_extra=RUNTIME
+    )
+    data_cpus: float = Field(
+        1.0, gt=0.0, description="CPUs per Ray Data decode task (leave them free of workers)", json_schema_extra=RUNTIME
+    )
+    use_gpu: bool | Literal["auto"] = Field(
+        "auto", description="auto: when the cluster has GPUs", json_schema_extra=RUNTIME
+    )
+    mixed_precision: Literal["auto", "bf16", "off"] = Field(
+        "auto", description="auto: bf16 autocast on GPU only", json_schema_extra=RUNTIME
+    )
     seed: int = 0
-    log_every: int = Field(10, gt=0)
+    log_every: int = Field(10, gt=0, json_schema_extra=RUNTIME)
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -461,7 +509,7 @@ class CapFiltConfig(Section):
     web: ReaderConfig | None = Field(None, description="web pairs; None: the run's generated or ingested web shards")
     human: ReaderConfig | None = Field(None, description="human pairs passed through unchanged, marked 'human'")
     output: str | None = Field(None, description="output directory (local, s3://, gs://); None: inside the run dir")
-    output_storage_options: dict[str, Any] = Field(default_factory=dict)
+    output_storage_options: dict[str, Any] = Field(default_factory=dict, json_schema_extra=RUNTIME)
     captioners: list[ModelRef] = Field(
         default_factory=list, description="K captions from each; empty: the run's fine-tuned captioner"
     )
@@ -479,17 +527,34 @@ class CapFiltConfig(Section):
     max_text_length: int = Field(35, ge=2, description="tokens fed to the filter")
     round: int = Field(0, ge=0, description="bootstrapping round; part of every row's sampling seed")
     embed_images: bool = Field(False, description="write image bytes into pairs; default: a shard + row reference")
-    batch_size: int = Field(32, gt=0, description="images per actor call")
-    decode_batch_size: int = Field(64, gt=0, description="images per CPU decode batch")
+    batch_size: int = Field(32, gt=0, description="images per actor call", json_schema_extra=RUNTIME)
+    decode_batch_size: int = Field(64, gt=0, description="images per CPU decode batch", json_schema_extra=RUNTIME)
     max_pixels: int = Field(ImageConfig.model_fields["max_pixels"].default, gt=0, description="decompression-bomb limit")
-    actors: int | Literal["auto"] = Field("auto", description="auto: as many as the cluster's GPUs, or spare CPUs, allow")
-    gpus_per_actor: float = Field(1.0, gt=0.0, description="on clusters with GPUs; fractions share a GPU")
-    cpus_per_actor: float = Field(1.0, gt=0.0, description="on CPU-only clusters, and host CPUs beside a GPU")
+    actors: int | Literal["auto"] = Field(
+        "auto", description="auto: as many as the cluster's GPUs, or spare CPUs, allow", json_schema_extra=RUNTIME
+    )
+    gpus_per_actor: float = Field(
+        1.0, gt=0.0, description="on clusters with GPUs; fractions share a GPU", json_schema_extra=RUNTIME
+    )
+    cpus_per_actor: float = Field(
+        1.0, gt=0.0, description="on CPU-only clusters, and host CPUs beside a GPU", json_schema_extra=RUNTIME
+    )
     reserve_cpus_for_reading: float = Field(
-        1.0, ge=0.0, description="CPUs the actor pool never takes, so read and decode tasks can run"
+        1.0, ge=0.0, description="CPUs the actor pool never takes, so read and decode tasks can run",
+        json_schema_extra=RUNTIME,
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
-    rows_per_file: int = Field(100_000, gt=0, description="target rows per output file (whole input shards per file)")
+    rows_per_file: int = Field(
+        100_000, gt=0, description="target rows per output file (whole input shards per file)",
+        json_schema_extra=RUNTIME,
+    )
+    max_buffer_bytes: int = Field(
+        256 * 2**20, gt=0,
+        description="the driver commits finished shards when they reach rows_per_file rows or this many bytes of "
+        "results (Arrow), whichever comes first: it bounds the driver's memory, at the cost of smaller files and "
+        "more commits when rows are large (embed_images). Whole shards are never split, whatever the limit",
+        json_schema_extra=RUNTIME,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -501,7 +566,7 @@ class EvaluateConfig(Section):
     """Retrieval, captioning and CapFilt quality on held-out data (capfilt/stages/evaluate.py)."""
 
     k_test: int = Field(256, ge=1, description="ITC candidates re-ranked by ITM per query (BLIP: 256; demo: 16)")
-    batch_size: int = Field(64, gt=0, description="images, texts or ITM pairs per forward")
+    batch_size: int = Field(64, gt=0, description="images, texts or ITM pairs per forward", json_schema_extra=RUNTIME)
     max_text_length: int = Field(35, ge=2, description="tokens per text for retrieval, as the reference")
     max_caption_words: int = Field(30, gt=0, description="pre_caption's word limit for the reference texts")
     max_test_images: int | None = Field(None, gt=0, description="the first N test images; None: all")
@@ -509,7 +574,9 @@ class EvaluateConfig(Section):
         default_factory=lambda: BEAM_EVAL_SAMPLING.model_copy(), description="captioning; default: beam 3, 5-20 tokens"
     )
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="the CapFilt threshold: removal iff ITM prob below it")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: cuda when available", json_schema_extra=RUNTIME
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -583,7 +650,8 @@ def load_pipeline(path: str) -> PipelineConfig:
         problems = []
         for item in error.errors():
             key = ".".join(str(part) for part in item["loc"]) or "(top level)"
-            problems.append(f"  {key}: {item['msg']}" + (f" (got {item['input']!r})" if item["type"] != "missing" and not isinstance(item["input"], dict) else ""))
+            shown = item["type"] != "missing" and not isinstance(item["input"], dict)
+            problems.append(f"  {key}: {item['msg']}" + (f" (got {item['input']!r})" if shown else ""))
         raise ConfigError(f"{path}: {len(problems)} invalid key(s):\n" + "\n".join(problems)) from None
 
 

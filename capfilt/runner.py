@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import fsspec
 
-from capfilt.config import PipelineConfig, ReaderConfig
+from capfilt.config import PipelineConfig, ReaderConfig, identity
 from capfilt.data.output import _diff, config_hash
 
 STAGE_RECORD = "_STAGE.json"
@@ -226,18 +226,18 @@ def run_pipeline(config: PipelineConfig, run_dir: str | None = None, log: Callab
     started = time.time()
     for step in plan(config):
         record_path = f"{root}/{step.name}/{STAGE_RECORD}"
-        identity = {"section": step.section.model_dump(mode="json"), "inputs": step.inputs,
+        record_identity = {"section": identity(step.section), "inputs": step.inputs,
                     "upstream": {name: run.outputs.get(name) for name in _upstream(step)}}
         if step.name.endswith("pretrain") or "finetune" in step.name or step.name == "tokenizer":
-            identity["model"] = config.model.model_dump(mode="json")
+            record_identity["model"] = identity(config.model)
         if fs.exists(record_path):
             record = json.loads(fs.cat_file(record_path))
-            if record["hash"] == config_hash(identity):
+            if record["hash"] == config_hash(record_identity):
                 log(f"[{step.name}] complete, skipped")
                 run.outputs[step.name] = record["outputs"]
                 run.seconds[step.name] = record["seconds"]
                 continue
-            changes = "; ".join(_diff(record["identity"], identity, step.name)) or "unknown"
+            changes = "; ".join(_diff(record["identity"], record_identity, step.name)) or "unknown"
             raise StageConflictError(
                 f"stage {step.name} in {run.root} was completed with another configuration ({changes}); "
                 "use a new --run-dir, or delete that stage's directory to redo it"
@@ -246,7 +246,7 @@ def run_pipeline(config: PipelineConfig, run_dir: str | None = None, log: Callab
         step_started = time.time()
         outputs = step.function(run, step)
         seconds = time.time() - step_started
-        record = {"hash": config_hash(identity), "identity": identity, "outputs": outputs, "seconds": seconds}
+        record = {"hash": config_hash(record_identity), "identity": record_identity, "outputs": outputs, "seconds": seconds}
         fs.makedirs(f"{root}/{step.name}", exist_ok=True)
         fs.pipe_file(record_path, json.dumps(record, indent=2, sort_keys=True, default=str).encode())
         run.outputs[step.name] = outputs

@@ -170,6 +170,7 @@ class MED(nn.Module):
         self.text_encoder = BlipTextModel(text, add_pooling_layer=False)
         self.text_decoder = BlipTextLMHeadModel(text)
         self._tie_encoder_decoder()
+        self._scale_attention_init(config.text.attention_init_gain)
 
         width, embed_dim = config.text.width, config.embed_dim
         self.vision_proj = nn.Linear(config.vision.width, embed_dim)
@@ -207,6 +208,20 @@ class MED(nn.Module):
             dec_layer.output = enc_layer.output
         # The LM head's output matrix is the (now shared) word embedding matrix, as transformers ties it.
         self.text_decoder.cls.predictions.decoder.weight = decoder.embeddings.word_embeddings.weight
+
+    @torch.no_grad()
+    def _scale_attention_init(self, gain: float) -> None:
+        """Scale the text towers' attention value/output weights (self and cross) by ``gain``.
+
+        Weights loaded later (a checkpoint, BERT) replace these; only from-scratch training sees them.
+        """
+        if gain == 1.0:
+            return
+        layers = list(self.text_encoder.encoder.layer) + list(self.text_decoder.bert.encoder.layer)
+        attentions = {id(m): m for layer in layers for m in (layer.attention, layer.crossattention)}
+        for attention in attentions.values():  # cross-attention is shared: scale it once
+            attention.self.value.weight.mul_(gain)
+            attention.output.dense.weight.mul_(gain)
 
     def _momentum_pairs(self):
         return [
@@ -313,7 +328,7 @@ class MED(nn.Module):
             ids = _with_first(input_ids, self.special["cls"])
             text_hidden_m = self.text_encoder_m(input_ids=ids, attention_mask=attention_mask).last_hidden_state
             text_feat_m = F.normalize(self.text_proj_m(text_hidden_m[:, 0]), dim=-1)
-            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone()], dim=1)
+            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone()], dim=1)  # queue may be empty
             text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone()], dim=1)
 
             ids_all = torch.cat([image_ids, self.idx_queue.clone()])
@@ -355,6 +370,8 @@ class MED(nn.Module):
     # ---------------------------------------------------------------------------------------------
 
     def _check_queue(self, local_batch: int) -> None:
+        if self.config.queue_size == 0:
+            return
         world = _world_size()
         if self.config.queue_size % (local_batch * world):
             raise ValueError(
@@ -364,6 +381,8 @@ class MED(nn.Module):
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor, image_ids: torch.Tensor) -> None:
+        if self.config.queue_size == 0:
+            return
         image_feat, text_feat, image_ids = (concat_all_gather(t) for t in (image_feat, text_feat, image_ids))
         batch = image_feat.shape[0]
         if self.config.queue_size % batch:  # _check_queue catches it first; this guards direct calls

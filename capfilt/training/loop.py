@@ -301,7 +301,7 @@ def check_job(job: TrainJob, cluster: dict[str, float]) -> tuple[MedConfig, bool
         raise ValueError(f"max_text_length {config.max_text_length} exceeds the model's "
                          f"max_position_embeddings {med_config.text.max_position_embeddings}")
     global_micro = config.micro_batch * config.workers
-    if "itc" in config.objectives and med_config.queue_size % global_micro:
+    if "itc" in config.objectives and med_config.queue_size and med_config.queue_size % global_micro:
         raise ValueError(f"the ITC queue ({med_config.queue_size}) must be a multiple of the global micro-batch "
                          f"{global_micro} (batch_size {config.batch_size} / grad_accumulation {config.grad_accumulation})")
     gpus = cluster.get("GPU", 0.0)

@@ -20,13 +20,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from capfilt.config import MedConfig, PairSource, TrainConfig
+from capfilt.config import MedConfig, PairSource, TrainConfig, identity
 
 RESULT_FILE = "_RESULT.json"
 MED_DIR = "med"
-# Settings that change how a run executes, not what it computes: they may differ on resume.
-OPERATIONAL = {"workers", "cpus_per_worker", "data_cpus", "use_gpu", "mixed_precision", "log_every",
-               "checkpoint_every", "keep_checkpoints"}
 
 
 def file_digest(path: str | Path) -> str:
@@ -59,7 +56,7 @@ def fingerprint(stage: str, train: TrainConfig, sources: Sequence[PairSource], t
                 model: MedConfig | None, init_med: str | None) -> dict[str, Any]:
     return {
         "stage": stage,
-        "train": train.model_dump(mode="json", exclude=OPERATIONAL),
+        "train": identity(train),  # RUNTIME fields (workers, logging...) may differ on resume
         "sources": [source.model_dump(mode="json") for source in sources],
         "tokenizer": directory_digest(tokenizer_dir),
         "model": model.model_dump(mode="json") if model is not None and init_med is None else None,

@@ -216,6 +216,36 @@ def test_queue_must_be_multiple_of_global_batch(make_med, batch):
         med(*batch, objectives=("itc",))
 
 
+def test_queue_size_zero_uses_in_batch_negatives_only(make_med, batch):
+    med = make_med(queue_size=0, alpha=0.0)
+    med.eval()
+    pixels, ids, mask, image_ids = batch
+    loss = med(*batch, objectives=("itc",))["loss_itc"]
+    with torch.no_grad():
+        image_feat = med.image_features(med.image_embeds(pixels))
+        text_feat = med.text_features(ids, mask)
+    targets = (image_ids[:, None] == image_ids[None, :]).float()
+    targets = targets / targets.sum(1, keepdim=True)
+    expected = -(F.log_softmax(image_feat @ text_feat.t() / med.temp, 1) * targets).sum(1).mean() / 2
+    expected += -(F.log_softmax(text_feat @ image_feat.t() / med.temp, 1) * targets).sum(1).mean() / 2
+    assert torch.allclose(loss, expected, atol=1e-5)
+    assert med.image_queue.shape[1] == 0 and int(med.queue_ptr) == 0
+
+
+def test_attention_init_gain_scales_value_and_output_weights(tokenizer):
+    scaled, plain = (MED.from_config(tiny_config(text={"attention_init_gain": gain, "dropout": 0.0}), tokenizer)
+                     for gain in (4.0, 1.0) if torch.manual_seed(0) is not None)
+    for name, weight in scaled.named_parameters():
+        reference = dict(plain.named_parameters())[name]
+        in_attention = (".attention." in name or ".crossattention." in name) and name.endswith("weight")
+        if in_attention and (".value." in name or ".output.dense." in name):
+            assert torch.allclose(weight, 4.0 * reference), name
+        else:
+            assert torch.equal(weight, reference), name
+    assert MedConfig(preset="tiny").text.attention_init_gain == 4.0
+    assert MedConfig(preset="base").text.attention_init_gain == 1.0  # loads BERT: the init is replaced anyway
+
+
 def test_alpha_ramps_linearly():
     config = tiny_config(alpha=0.4, alpha_rampup_steps=100)
     assert [alpha_at(s, config) for s in (0, 50, 100, 1000)] == pytest.approx([0.0, 0.2, 0.4, 0.4])

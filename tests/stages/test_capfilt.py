@@ -107,6 +107,20 @@ def test_batch_size_and_actor_count_do_not_change_the_output(baseline, small_wor
     assert _rows(other) == _rows(output)
 
 
+def test_byte_limit_commits_whole_shards_sooner_with_the_same_rows(baseline, small_world, tiny_models, tmp_path):
+    output, manifest = baseline
+    target = str(tmp_path / "bytes")
+    # rows_per_file never triggers here: only the one-byte buffer limit does, so every completed shard
+    # (or the few completed by one batch) is committed at once.
+    run_capfilt(_config(small_world, tiny_models, rows_per_file=10**9, max_buffer_bytes=1), target)
+    commits = [json.loads(path.read_text()) for path in sorted(Path(target, "_commits").iterdir())]
+    assert len(commits) > len(os.listdir(f"{output}/_commits")) and len(commits) > 1
+    shards = [shard for commit in commits for shard in commit["shards"]]
+    assert sorted(shards) == sorted(manifest["shards"])  # each shard in exactly one commit
+    assert len(list(Path(target, "pairs").iterdir())) > 1
+    assert _rows(target) == _rows(output)
+
+
 def test_resume_after_the_driver_is_killed(baseline, small_world, tiny_models, tmp_path, ray_cluster):
     ray_address = ray_cluster.get_runtime_context().gcs_address
     output, _ = baseline
