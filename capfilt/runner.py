@@ -163,13 +163,12 @@ def _capfilt(run: Run, step: Step) -> dict[str, Any]:
 
 
 def _evaluate(run: Run, step: Step) -> dict[str, Any]:
-    from capfilt.stages.evaluate import format_table, run_evaluate
+    from capfilt.stages.evaluate import run_evaluate
 
     models = {label: run.output(name)["med"] for label, name in step.inputs["models"].items()}
     capfilt_output = run.output(step.inputs["capfilt"])["output"] if "capfilt" in step.inputs else None
-    metrics = run_evaluate(step.section, models, _require(data_reader(run, "test"), "test"), run.stage_dir(step.name),
-                           capfilt_output=capfilt_output, web=data_reader(run, "web"), log=run.log)
-    run.log(format_table(metrics))
+    run_evaluate(step.section, models, _require(data_reader(run, "test"), "test"), run.stage_dir(step.name),
+                 capfilt_output=capfilt_output, web=data_reader(run, "web"), log=run.log)
     return {"metrics": f"{run.stage_dir(step.name)}/metrics.json"}
 
 

@@ -56,8 +56,10 @@ def run(pipeline: str, run_dir: str | None, address: str | None) -> None:
     else:
         # "local" always starts a fresh cluster; a bare ray.init() would join whatever cluster this
         # machine last started (/tmp/ray/ray_current_cluster), possibly a dead one.
+        # The dashboard (on 127.0.0.1) also serves the State API that Ray Train polls; without it the
+        # console fills with "State API may be temporarily unavailable" once a second.
         ray.init(address="local", num_cpus=config.ray.num_cpus, object_store_memory=config.ray.object_store_memory,
-                 include_dashboard=False)
+                 include_dashboard=True)
     try:
         run_pipeline(config, run_dir)
     finally:

@@ -1,0 +1,111 @@
+"""The demo end to end at reduced size: `capfilt run pipelines/demo.yaml` as a user runs it.
+
+The shipped pipeline is loaded and only its sizes are cut (world rows, steps, image size), so the
+stages, their order and their settings are the demo's own. A second run finds every stage complete.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CAPFILT = str(Path(sys.executable).with_name("capfilt"))
+
+REDUCED = {
+    "synth": {"num_web": 48, "num_human": 16, "num_test": 8, "image_size": 32, "rows_per_shard": 16},
+    "tokenizer": {"vocab_size": 300},
+    "model": {"vision": {"image_size": 32, "width": 64, "layers": 1, "heads": 2, "mlp_dim": 128},
+              "text": {"width": 64, "layers": 1, "heads": 2, "mlp_dim": 128}, "embed_dim": 32},
+    "pretrain": {"steps": 3, "batch_size": 8, "warmup_steps": 1, "checkpoint_every": 2},
+    "finetune_captioner": {"steps": 2, "batch_size": 8, "checkpoint_every": 2},
+    "finetune_filter": {"steps": 2, "batch_size": 8, "checkpoint_every": 2},
+    "capfilt": {"batch_size": 8, "sampling": {"max_length": 12, "min_length": 6}},
+    "evaluate": {"k_test": 4, "batch_size": 16, "sampling": {"max_length": 12, "min_length": 6}},
+}
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
+
+
+def _run(pipeline: Path, run_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([CAPFILT, "run", str(pipeline), "--run-dir", str(run_dir)], capture_output=True, text=True,
+                          timeout=900, cwd=REPO, env={**__import__("os").environ, "RAY_ADDRESS": ""})
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    demo = yaml.safe_load((REPO / "pipelines" / "demo.yaml").read_text())
+    pipeline = root / "demo-small.yaml"
+    pipeline.write_text(yaml.safe_dump(_merge(demo, REDUCED)))
+    run_dir = root / "run"
+    result = _run(pipeline, run_dir)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return pipeline, run_dir, result
+
+
+def test_metrics_file_has_the_documented_shape(demo_run):
+    _, run_dir, result = demo_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for model in ("noisy", "bootstrapped"):
+        assert set(metrics["models"][model]["retrieval"]) >= {"i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"}
+        assert set(metrics["models"][model]["captioning"]) >= {"bleu4", "cider", "caption_accuracy"}
+        for value in (*metrics["models"][model]["retrieval"].values(), *metrics["models"][model]["captioning"].values()):
+            assert value >= 0
+    assert set(metrics["filter"]) >= {"roc_auc", "precision", "recall", "clean_kept", "by_noise_type"}
+    for noise in metrics["filter"]["by_noise_type"].values():
+        assert set(noise) >= {"recall", "count"} and noise["count"] > 0
+    assert set(metrics["captioner"]) >= {"synthetic_caption_accuracy", "distinct_captions_per_image"}
+    stages = {"synth", "tokenizer", "pretrain_noisy", "round_0/finetune_captioner", "round_0/finetune_filter",
+              "round_0/capfilt", "round_0/pretrain", "evaluate"}
+    assert set(metrics["seconds"]) == stages | {"total"}
+    assert metrics["seconds"]["total"] == pytest.approx(sum(metrics["seconds"][s] for s in stages))
+    assert "noisy" in result.stdout and "bootstrapped" in result.stdout and str(run_dir) in result.stdout
+
+
+def test_accounting_reconciles_with_the_generated_world(demo_run):
+    pipeline, run_dir, _ = demo_run
+    counts = json.loads((run_dir / "metrics.json").read_text())["capfilt"]
+    world = yaml.safe_load(pipeline.read_text())["synth"]
+    assert counts["input_rows"] == world["num_web"] + world["num_human"]
+    assert counts["input_rows"] == counts["kept"] + counts["filtered"] + counts["rejected"]
+    assert counts["kept_by_source"]["human"] == world["num_human"]  # human pairs pass through
+    out = run_dir / "round_0" / "capfilt"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["totals"]["rows_in"] == counts["input_rows"]
+    pairs, rejects = pq.read_table(out / "pairs"), pq.read_table(out / "rejects")
+    assert pairs.num_rows == sum(counts["kept_by_source"].values())
+    # Every input row is in the output or the rejects: rows with a kept text plus rows with none.
+    rows_kept = {(s, r) for s, r in zip(pairs["shard"].to_pylist(), pairs["row"].to_pylist())}
+    assert len(rows_kept) == counts["kept"]
+    assert rejects.num_rows >= counts["rejected"] + counts["filtered"]
+
+
+def test_exported_captioner_and_filter_load_as_transformers_models(demo_run):
+    from capfilt.models.export import load_captioner, load_filter
+
+    _, run_dir, _ = demo_run
+    captioner = load_captioner(str(run_dir / "round_0" / "finetune_captioner" / "captioner"))
+    assert type(captioner.model).__name__ == "BlipForConditionalGeneration"
+    filter_ = load_filter(str(run_dir / "round_0" / "finetune_filter" / "filter"))
+    assert type(filter_.model).__name__ == "BlipForImageTextRetrieval"
+
+
+def test_a_second_run_skips_every_complete_stage(demo_run):
+    pipeline, run_dir, _ = demo_run
+    before = (run_dir / "metrics.json").read_text()
+    result = _run(pipeline, run_dir)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("complete, skipped") == 8
+    assert json.loads((run_dir / "metrics.json").read_text())["models"] == json.loads(before)["models"]
