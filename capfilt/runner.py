@@ -136,9 +136,9 @@ def _finetune(kind: str) -> Callable[[Run, Step], dict[str, Any]]:
     def finetune(run: Run, step: Step) -> dict[str, Any]:
         from capfilt.stages import finetune as stage
 
-        function = stage.run_finetune_captioner if kind == "captioner" else stage.run_finetune_filter
-        return function(step.section, run.output(step.inputs["init"])["med"], run.output("tokenizer")["tokenizer"],
-                        _shard_sources(run, ("human",)), run.stage_dir(step.name), log=run.log)
+        return stage.run_finetune(kind, step.section, run.output(step.inputs["init"])["med"],
+                                  run.output("tokenizer")["tokenizer"], _shard_sources(run, ("human",)),
+                                  run.stage_dir(step.name), log=run.log)
 
     return finetune
 

@@ -18,8 +18,15 @@ from capfilt.config import PairSource, TrainConfig
 CAPTIONER_DIR = "captioner"
 FILTER_DIR = "filter"
 
+# kind -> (the objective it cannot do without, the transformers class it is exported as, its directory)
+_KINDS = {
+    "captioner": ("lm", "the LM decoder", CAPTIONER_DIR),
+    "filter": ("itm", "the ITM head", FILTER_DIR),
+}
 
-def run_finetune_captioner(
+
+def run_finetune(
+    kind: str,
     train: TrainConfig,
     init_med: str,
     tokenizer_dir: str,
@@ -27,43 +34,33 @@ def run_finetune_captioner(
     out_dir: str,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Returns ``{"med", "model": <BlipForConditionalGeneration dir>, "steps", "pairs", "seconds", ...}``.
+    """Fine-tune a copy of ``init_med`` into a captioner or a filter and export it.
 
-    ``train`` defaults: :class:`~capfilt.config.CaptionerTrainConfig`.
+    Returns ``{"med", "model": <exported dir>, "steps", "pairs", "seconds", ...}``. ``train`` defaults:
+    :class:`~capfilt.config.CaptionerTrainConfig` / :class:`~capfilt.config.FilterTrainConfig`.
     """
-    from capfilt.models.export import export_captioner
+    from capfilt.models.export import export_captioner, export_filter
     from capfilt.training.stage import run_training_stage
 
-    if "lm" not in train.objectives:
-        raise ValueError(f"the captioner is the LM decoder: its objectives must include 'lm', got {train.objectives}")
+    objective, role, directory = _KINDS[kind]
+    if objective not in train.objectives:
+        raise ValueError(f"the {kind} is {role}: its objectives must include '{objective}', got {train.objectives}")
+    exporter = export_captioner if kind == "captioner" else export_filter
 
     def export(med, tokenizer, out: Path) -> dict[str, Path]:
-        return {"model": export_captioner(med, tokenizer, out / CAPTIONER_DIR)}
+        return {"model": exporter(med, tokenizer, out / directory)}
 
-    return run_training_stage("finetune_captioner", train, sources, tokenizer_dir, out_dir, init_med=init_med,
+    return run_training_stage(f"finetune_{kind}", train, sources, tokenizer_dir, out_dir, init_med=init_med,
                               export=export, log=log)
 
 
-def run_finetune_filter(
-    train: TrainConfig,
-    init_med: str,
-    tokenizer_dir: str,
-    sources: list[PairSource],
-    out_dir: str,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Returns ``{"med", "model": <BlipForImageTextRetrieval dir>, "steps", "pairs", "seconds", ...}``.
+def run_finetune_captioner(train: TrainConfig, init_med: str, tokenizer_dir: str, sources: list[PairSource],
+                           out_dir: str, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """:func:`run_finetune` of a ``BlipForConditionalGeneration`` (LM only, with the prompt)."""
+    return run_finetune("captioner", train, init_med, tokenizer_dir, sources, out_dir, log)
 
-    ``train`` defaults: :class:`~capfilt.config.FilterTrainConfig`.
-    """
-    from capfilt.models.export import export_filter
-    from capfilt.training.stage import run_training_stage
 
-    if "itm" not in train.objectives:
-        raise ValueError(f"the filter is the ITM head: its objectives must include 'itm', got {train.objectives}")
-
-    def export(med, tokenizer, out: Path) -> dict[str, Path]:
-        return {"model": export_filter(med, tokenizer, out / FILTER_DIR)}
-
-    return run_training_stage("finetune_filter", train, sources, tokenizer_dir, out_dir, init_med=init_med,
-                              export=export, log=log)
+def run_finetune_filter(train: TrainConfig, init_med: str, tokenizer_dir: str, sources: list[PairSource],
+                        out_dir: str, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """:func:`run_finetune` of a ``BlipForImageTextRetrieval`` (ITC + ITM)."""
+    return run_finetune("filter", train, init_med, tokenizer_dir, sources, out_dir, log)
