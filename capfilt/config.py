@@ -26,8 +26,7 @@ def identity(section: BaseModel) -> dict[str, Any]:
     for name, field in type(section).model_fields.items():
         if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("runtime"):
             continue
-        value = getattr(section, name)
-        out[name] = identity(value) if isinstance(value, BaseModel) else _json(value)
+        out[name] = _json(getattr(section, name))
     return out
 
 

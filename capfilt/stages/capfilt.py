@@ -597,11 +597,12 @@ class ShardAssembler:
     """
 
     def __init__(self, output: CommittedOutput, next_commit_id: int, rows_per_file: int, filter_id: str,
-                 sampling: str, round_: int, max_buffer_bytes: int | None = None):
+                 sampling: str, round_: int,
+                 max_buffer_bytes: int = CapFiltConfig.model_fields["max_buffer_bytes"].default):
         self.output = output
         self.commit_id = next_commit_id
         self.rows_per_file = rows_per_file
-        self.max_buffer_bytes = max_buffer_bytes if max_buffer_bytes is not None else _default_buffer_bytes()
+        self.max_buffer_bytes = max_buffer_bytes
         self.labels = (filter_id, sampling, round_)
         self.partial: dict[str, list[pa.Table]] = {}
         self.expected: dict[str, tuple[int, str | None]] = {}
@@ -638,7 +639,7 @@ class ShardAssembler:
         tables = self.partial.pop(shard, [])
         table = pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()
         pairs, rejects = explode(table, *self.labels)
-        self.ready[shard] = ReadyShard(shard_counts(table, *self.expected[shard]), pairs, rejects)
+        self.ready[shard] = ReadyShard(shard, shard_counts(table, *self.expected[shard]), pairs, rejects)
         self.ready_rows += table.num_rows
         self.ready_bytes += pairs.nbytes + rejects.nbytes
 
@@ -647,7 +648,7 @@ class ShardAssembler:
             return
         # Shards in name order, each already in (row, text) order: the commit is ordered by (shard, row, text).
         ready = [self.ready[shard] for shard in sorted(self.ready)]
-        shards = {shard: self.ready[shard].counts for shard in sorted(self.ready)}
+        shards = {done.name: done.counts for done in ready}
         files = []
         for name in ("pairs", "rejects"):
             table = pa.concat_tables([getattr(done, name) for done in ready])  # no copy: one chunk per shard
@@ -668,13 +669,10 @@ class ShardAssembler:
 class ReadyShard:
     """A complete input shard waiting for its commit: its accounting and its exploded rows."""
 
+    name: str
     counts: dict[str, Any]
     pairs: pa.Table
     rejects: pa.Table
-
-
-def _default_buffer_bytes() -> int:
-    return CapFiltConfig.model_fields["max_buffer_bytes"].default
 
 
 def _read_task(tasks: dict[str, np.ndarray], **settings) -> Iterator[pa.Table]:

@@ -255,15 +255,18 @@ class Cluster:
 
     def wait_job(self, job_id: str, timeout: float = 600) -> dict:
         deadline = time.time() + timeout
+        unanswered = None  # the last error of a dashboard too busy to answer; polling goes on
         while True:
             try:
                 info = self.job(job_id)
                 if info["status"] in TERMINAL:
                     return info
-            except (OSError, ValueError):
-                pass  # a busy dashboard; ask again
+                unanswered = None
+            except (OSError, ValueError) as error:
+                unanswered = error
             if time.time() > deadline:
-                raise TimeoutError(f"job {job_id} did not finish in {timeout:.0f}s:\n{self.logs(job_id)[-4000:]}")
+                raise TimeoutError(f"job {job_id} did not finish in {timeout:.0f}s (last dashboard error: "
+                                   f"{unanswered}):\n{self.logs(job_id)[-4000:]}")
             time.sleep(2)
 
     def job_nodes(self, job_id: str) -> set[str]:

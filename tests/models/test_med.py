@@ -233,10 +233,14 @@ def test_queue_size_zero_uses_in_batch_negatives_only(make_med, batch):
 
 
 def test_attention_init_gain_scales_value_and_output_weights(tokenizer):
-    scaled, plain = (MED.from_config(tiny_config(text={"attention_init_gain": gain, "dropout": 0.0}), tokenizer)
-                     for gain in (4.0, 1.0) if torch.manual_seed(0) is not None)
+    def build(gain: float) -> MED:
+        torch.manual_seed(0)  # the same draws, so the two differ by the gain alone
+        return MED.from_config(tiny_config(text={"attention_init_gain": gain, "dropout": 0.0}), tokenizer)
+
+    scaled, plain = build(4.0), build(1.0)
+    references = dict(plain.named_parameters())
     for name, weight in scaled.named_parameters():
-        reference = dict(plain.named_parameters())[name]
+        reference = references[name]
         in_attention = (".attention." in name or ".crossattention." in name) and name.endswith("weight")
         if in_attention and (".value." in name or ".output.dense." in name):
             assert torch.allclose(weight, 4.0 * reference), name
