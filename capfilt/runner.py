@@ -219,7 +219,11 @@ def plan(config: PipelineConfig) -> list[Step]:
 
 
 def run_pipeline(config: PipelineConfig, run_dir: str | None = None, log: Callable[[str], None] = print) -> Run:
-    run = Run(config, run_dir or default_run_dir(config), log=log)
+    root = run_dir or default_run_dir(config)
+    if "://" not in root:
+        # Stages hand paths to Ray workers, whose working directory is not this one.
+        root = os.path.abspath(root)
+    run = Run(config, root, log=log)
     fs, root = fsspec.core.url_to_fs(run.root)
     fs.makedirs(root, exist_ok=True)
     started = time.time()

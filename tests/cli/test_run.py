@@ -41,8 +41,9 @@ def _merge(base: dict, override: dict) -> dict:
 
 def _run(pipeline: Path, run_dir: Path) -> subprocess.CompletedProcess:
     env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}  # a local cluster
-    return subprocess.run([CAPFILT, "run", str(pipeline), "--run-dir", str(run_dir)], capture_output=True, text=True,
-                          timeout=900, cwd=REPO, env=env)
+    # A relative --run-dir, as `make demo` gives (runs/demo): Ray workers do not share the driver's cwd.
+    return subprocess.run([CAPFILT, "run", str(pipeline), "--run-dir", run_dir.name], capture_output=True,
+                          text=True, timeout=900, cwd=run_dir.parent, env=env)
 
 
 @pytest.fixture(scope="module")
