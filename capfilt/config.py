@@ -82,6 +82,12 @@ class TextConfig(Section):
         "at std 0.02 a narrow tower's attention adds ~5% to the residual and [CLS] (ITC) and the image "
         "(ITM, LM) barely reach the output; pretrained BERT never starts there, a from-scratch tower does",
     )
+    cross_attention_qk_init_gain: float = Field(
+        1.0, gt=0.0,
+        description="from-scratch init only: scales the cross-attention query and key weights. At std 0.02 the "
+        "attention logits over image tokens are ~0.05 apart: attention is uniform, the text sees the mean image "
+        "and the gradient that would sharpen it is as small; ITM then sits at its 1:2 prior for hundreds of steps",
+    )
     layer_norm_eps: float = 1e-12
 
     @model_validator(mode="after")
@@ -96,7 +102,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "vision": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 3, "heads": 4, "mlp_dim": 512},
         "text": {"width": 128, "layers": 3, "heads": 4, "mlp_dim": 512, "max_position_embeddings": 64,
-                 "attention_init_gain": 4.0},
+                 "attention_init_gain": 4.0, "cross_attention_qk_init_gain": 8.0},
         "embed_dim": 128,
         "queue_size": 1024,
     },
@@ -431,7 +437,7 @@ class TrainConfig(Section):
         1.0, gt=0.0, description="Ray CPUs per worker; torch threads: this, rounded up", json_schema_extra=RUNTIME
     )
     data_cpus: float = Field(
-        1.0, gt=0.0, description="CPUs per Ray Data decode task (leave them free of workers)", json_schema_extra=RUNTIME
+        1.0, gt=0.0, description="CPUs per batch-decoding Ray task (leave them free of workers)", json_schema_extra=RUNTIME
     )
     use_gpu: bool | Literal["auto"] = Field(
         "auto", description="auto: when the cluster has GPUs", json_schema_extra=RUNTIME

@@ -10,7 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from capfilt.config import MedConfig
-from capfilt.models.med import MED, alpha_at, itm_pairs, lm_labels, load_med, sample_itm_negatives, save_med
+from capfilt.models.med import (
+    MED,
+    alpha_at,
+    itm_pairs,
+    lm_labels,
+    load_med,
+    sample_itm_negatives,
+    save_med,
+    trim_padding,
+)
 from capfilt.models.tokens import IGNORE_INDEX, special_ids
 from tests.models.conftest import IMAGE_IDS, TEXTS, tiny_config
 
@@ -232,22 +241,60 @@ def test_queue_size_zero_uses_in_batch_negatives_only(make_med, batch):
     assert med.image_queue.shape[1] == 0 and int(med.queue_ptr) == 0
 
 
-def test_attention_init_gain_scales_value_and_output_weights(tokenizer):
-    def build(gain: float) -> MED:
-        torch.manual_seed(0)  # the same draws, so the two differ by the gain alone
-        return MED.from_config(tiny_config(text={"attention_init_gain": gain, "dropout": 0.0}), tokenizer)
+def test_init_gains_scale_attention_weights(tokenizer):
+    def build(gain: float, cross_qk_gain: float) -> MED:
+        torch.manual_seed(0)  # the same draws, so the two differ by the gains alone
+        text = {"attention_init_gain": gain, "cross_attention_qk_init_gain": cross_qk_gain, "dropout": 0.0}
+        return MED.from_config(tiny_config(text=text), tokenizer)
 
-    scaled, plain = build(4.0), build(1.0)
+    scaled, plain = build(4.0, 8.0), build(1.0, 1.0)
     references = dict(plain.named_parameters())
     for name, weight in scaled.named_parameters():
         reference = references[name]
         in_attention = (".attention." in name or ".crossattention." in name) and name.endswith("weight")
+        cross_qk = ".crossattention." in name and (".query." in name or ".key." in name) and name.endswith("weight")
         if in_attention and (".value." in name or ".output.dense." in name):
             assert torch.allclose(weight, 4.0 * reference), name
+        elif cross_qk:
+            assert torch.allclose(weight, 8.0 * reference), name
         else:
             assert torch.equal(weight, reference), name
-    assert MedConfig(preset="tiny").text.attention_init_gain == 4.0
-    assert MedConfig(preset="base").text.attention_init_gain == 1.0  # loads BERT: the init is replaced anyway
+    # The decoder's cross-attention is the encoder's module: scaled once, not twice.
+    assert scaled.text_decoder.bert.encoder.layer[0].crossattention is scaled.text_encoder.encoder.layer[0].crossattention
+    tiny, base = MedConfig(preset="tiny").text, MedConfig(preset="base").text
+    assert (tiny.attention_init_gain, tiny.cross_attention_qk_init_gain) == (4.0, 8.0)
+    # base loads BERT, which replaces the init anyway
+    assert (base.attention_init_gain, base.cross_attention_qk_init_gain) == (1.0, 1.0)
+
+
+def test_trim_padding_drops_only_trailing_pad_columns():
+    ids = torch.tensor([[1, 5, 6, 2, 0, 0], [1, 7, 2, 0, 0, 0]])
+    mask = (ids != 0).long()
+    trimmed_ids, trimmed_mask = trim_padding(ids, mask)
+    assert trimmed_ids.tolist() == [[1, 5, 6, 2], [1, 7, 2, 0]] and trimmed_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    left = torch.tensor([[0, 0, 1, 2], [0, 1, 5, 2]])
+    assert trim_padding(left, (left != 0).long())[0] is left  # left padding is left alone
+
+
+def test_trailing_pads_change_no_output(tokenizer):
+    # What makes trim_padding safe: features, ITM logits and the LM loss ignore trailing pad columns.
+    torch.manual_seed(0)
+    med = MED.from_config(tiny_config(text={"dropout": 0.0}), tokenizer).eval()
+    pixels = torch.randn(4, 3, 32, 32)
+    tokens = tokenizer(["a red circle", "two blue squares left of a star", "a cross", "a star"],
+                       padding="max_length", max_length=20, return_tensors="pt")
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    short_ids, short_mask = trim_padding(ids, mask)
+    assert short_ids.shape[1] < ids.shape[1]
+    with torch.no_grad():
+        embeds = med.image_embeds(pixels)
+        pairs = [
+            (med.text_features(ids, mask), med.text_features(short_ids, short_mask)),
+            (med.itm_logits(embeds, ids, mask), med.itm_logits(embeds, short_ids, short_mask)),
+            (med.lm_loss(embeds, ids, mask), med.lm_loss(embeds, short_ids, short_mask)),
+        ]
+    for padded, short in pairs:
+        assert torch.allclose(padded, short, atol=1e-5)
 
 
 def test_alpha_ramps_linearly():
