@@ -6,9 +6,13 @@ permutation per epoch (seeded by (seed, epoch)), epochs follow one another witho
 slice of it. So a run resumed at step ``s`` continues exactly where the killed one stopped, whatever
 the number of workers, and nothing is decoded twice to skip ahead.
 
-Each rank gets its own Ray Dataset of positions (no streaming split, whose block assignment is
-dynamic); Ray Data CPU tasks turn positions into tensors (:func:`make_batch`: look the pair up,
-decode, ``train_transform`` seeded by (seed, position), tokenize), so decoding overlaps training.
+Each rank streams its own positions through :class:`BatchPrefetcher`: Ray CPU tasks, a few
+micro-batches ahead of the trainer, turn positions into tensors (:func:`make_batch`: look the pair
+up, decode, ``train_transform`` seeded by (seed, position), tokenize), so decoding overlaps training
+and a task lost with its node is re-run by Ray. Not Ray Data: its streaming executor runs in the
+consuming process, and while the consumer is the slower side (a trainer always is, once the
+prefetch is full) it has no task to ``ray.wait`` on and spins, holding the GIL (Ray 2.60,
+``process_completed_tasks``): in the training worker that made the demo's steps 2.5-3x slower.
 The pairs table is loaded once per Ray worker process: at the demo's scale (thousands of small
 JPEGs) it is a few MB; at web scale it would be the place to switch to shard-local shuffling.
 """
@@ -16,6 +20,7 @@ JPEGs) it is a few MB; at web scale it would be the place to switch to shard-loc
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from functools import lru_cache
 from typing import Any, Sequence
 
@@ -83,7 +88,7 @@ def make_batch(
     prompt: str,
     seed: int,
 ) -> dict[str, np.ndarray]:
-    """Ray Data UDF: ``{"position"}`` → ``pixel_values, input_ids, attention_mask, image_ids, position``."""
+    """One micro-batch (run as a Ray task): ``{"position"}`` → pixels, token ids and mask, image ids, position."""
     import torch
 
     from capfilt.data.images import decode_image
@@ -112,26 +117,30 @@ def make_batch(
     }
 
 
-# Rows per decode task: enough to amortise a task's overhead, few enough that the first batch is quick.
-ROWS_PER_TASK = 256
+class BatchPrefetcher:
+    """One rank's micro-batches in order, ``make_batch`` running as Ray tasks ``ahead`` batches early."""
 
+    def __init__(self, positions: np.ndarray, micro_batch: int, udf_kwargs: dict[str, Any], data_cpus: float,
+                 ahead: int = 4):
+        import ray
 
-def rank_dataset(
-    positions: np.ndarray,
-    micro_batch: int,
-    udf_kwargs: dict[str, Any],
-    data_cpus: float,
-):
-    """A Ray Dataset yielding ``make_batch`` output for ``positions`` in order, in micro-batches."""
-    import ray.data
+        self._decode = ray.remote(num_cpus=data_cpus)(make_batch)
+        self._chunks = [positions[i : i + micro_batch] for i in range(0, len(positions), micro_batch)]
+        self._udf_kwargs = udf_kwargs
+        self._ahead = ahead
+        self._submitted = 0
+        self._pending: deque = deque()
 
-    rows = micro_batch * max(1, ROWS_PER_TASK // micro_batch)
-    blocks = [pa.table({"position": positions[i : i + rows]}) for i in range(0, len(positions), rows)]
-    dataset = ray.data.from_arrow(blocks).map_batches(
-        make_batch, fn_kwargs=udf_kwargs, batch_size=micro_batch, batch_format="numpy", num_cpus=data_cpus
-    )
-    # Ray Data may otherwise hand finished blocks over in completion order (Ray Train resets the
-    # execution options from its DataConfig: train() sets it there too). The training log shows progress.
-    dataset.context.execution_options.preserve_order = True
-    dataset.context.enable_progress_bars = False
-    return dataset
+    def __iter__(self) -> "BatchPrefetcher":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        import ray
+
+        while len(self._pending) < self._ahead and self._submitted < len(self._chunks):
+            positions = self._chunks[self._submitted]
+            self._pending.append(self._decode.remote({"position": positions}, **self._udf_kwargs))
+            self._submitted += 1
+        if not self._pending:
+            raise StopIteration
+        return ray.get(self._pending.popleft())

@@ -1,11 +1,12 @@
 """MED training on Ray Train: one optimiser step, the worker loop, and the driver that runs it.
 
 The driver (:func:`train`) picks the resume point (the newest complete checkpoint under
-``<out_dir>/checkpoints``), builds one Ray Dataset per rank (:mod:`capfilt.training.data`) and runs
-a ``TorchTrainer`` (gloo on CPU, NCCL on GPU). Each worker (:func:`train_loop_per_worker`) builds
-or loads the MED, wraps it in DDP (``prepare_model``), and runs steps: ``grad_accumulation``
-micro-batches, AdamW, the learning rate of :func:`~capfilt.training.optim.lr_at`, bf16 autocast on
-GPU. Every ``checkpoint_every`` steps (and at the end) rank 0 writes a checkpoint
+``<out_dir>/checkpoints``) and runs a ``TorchTrainer`` (gloo on CPU, NCCL on GPU). Each worker
+(:func:`train_loop_per_worker`) builds or loads the MED, wraps it in DDP (``prepare_model``), and runs
+steps: ``grad_accumulation`` micro-batches, AdamW, the learning rate of
+:func:`~capfilt.training.optim.lr_at`, bf16 autocast on GPU; Ray tasks decode each rank's batches
+ahead of it (:mod:`capfilt.training.data`). Every ``checkpoint_every`` steps (and at the end) rank 0
+writes a checkpoint
 (:mod:`capfilt.training.checkpoint`) and reports it to Ray Train, which copies it into the stage
 directory. Every random draw of step ``s`` on rank ``r`` comes from a generator seeded by
 (seed, s, r), and the data of step ``s`` is fixed by (seed, s), so a resumed run continues exactly.
@@ -85,15 +86,12 @@ def train_step(
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """A dataset batch → MED.forward arguments; texts are cut to the batch's longest (pads cost compute)."""
-    mask = batch["attention_mask"]
-    length = max(2, int(mask.sum(1).max()))
-    return {
-        "pixel_values": batch["pixel_values"].to(device, non_blocking=True),
-        "input_ids": batch["input_ids"][:, :length].to(device, non_blocking=True),
-        "attention_mask": mask[:, :length].to(device, non_blocking=True),
-        "image_ids": batch["image_ids"].to(device, non_blocking=True),
-    }
+    """A decoded batch → MED.forward arguments (which cuts the texts to the batch's longest).
+
+    Copied: arrays fetched with ``ray.get`` are read-only views of the object store.
+    """
+    names = ("pixel_values", "input_ids", "attention_mask", "image_ids")
+    return {name: torch.tensor(batch[name]).to(device, non_blocking=True) for name in names}
 
 
 def prompt_length_of(tokenizer, prompt: str) -> int:
@@ -138,6 +136,7 @@ class WorkerSpec:
     init_med: str | None = None  # or a MED directory to start from
     resume: str | None = None  # a checkpoint directory (wins over both)
     fingerprint: str = ""
+    data: dict | None = None  # make_batch's keyword arguments
 
 
 class _Meter:
@@ -203,7 +202,7 @@ def train_loop_per_worker(spec_dict: dict) -> None:
 
     from capfilt.data.text import load_tokenizer
     from capfilt.models.med import alpha_at
-    from capfilt.training.data import derived_seed
+    from capfilt.training.data import BatchPrefetcher, derived_seed, rank_positions
     from capfilt.training.optim import lr_at, make_optimizer
 
     spec = WorkerSpec(**spec_dict)
@@ -228,8 +227,8 @@ def train_loop_per_worker(spec_dict: dict) -> None:
     autocast = autocast_for(device, config.mixed_precision)
     prompt_length = prompt_length_of(tokenizer, config.prompt)
 
-    shard = ray.train.get_dataset_shard(f"train_{rank}")
-    batches = iter(shard.iter_torch_batches(batch_size=config.micro_batch, prefetch_batches=2))
+    positions = rank_positions(spec.start_step, config.steps, config.batch_size, config.workers, rank)
+    batches = BatchPrefetcher(positions, config.micro_batch, spec.data, config.data_cpus)
     meter = _Meter(spec.start_step)
     last_metrics: dict[str, Any] = {}
     med.train()
@@ -400,7 +399,6 @@ def train(job: TrainJob, log: Callable[[str], None] = print) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from capfilt.training.data import rank_dataset, rank_positions
 
     config = job.config
     if not ray.is_initialized():
@@ -430,20 +428,11 @@ def train(job: TrainJob, log: Callable[[str], None] = print) -> dict[str, Any]:
         udf_kwargs = {"pair_files": list(job.pair_files), "tokenizer_dir": str(job.tokenizer_dir),
                       "image_size": med_config.vision.image_size, "image_config_json": image_config,
                       "max_text_length": config.max_text_length, "prompt": config.prompt, "seed": config.seed}
-        datasets = {
-            f"train_{rank}": rank_dataset(
-                rank_positions(start_step, config.steps, config.batch_size, config.workers, rank),
-                config.micro_batch, udf_kwargs, config.data_cpus,
-            )
-            for rank in range(config.workers)
-        }
-        ingest = ray.train.DataConfig.default_ingest_options()
-        ingest.preserve_order = True  # Train resets each dataset's options to these: order is the resume contract
         spec = WorkerSpec(
             config=config.model_dump(mode="json"), tokenizer_dir=str(job.tokenizer_dir), log_path=log_path,
             start_step=start_step, checkpoints=str(root), attempt=attempt,
             model=job.model.model_dump(mode="json") if job.model is not None else None, init_med=job.init_med,
-            resume=str(found[1]) if found else None, fingerprint=job.fingerprint,
+            resume=str(found[1]) if found else None, fingerprint=job.fingerprint, data=udf_kwargs,
         )
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -456,8 +445,6 @@ def train(job: TrainJob, log: Callable[[str], None] = print) -> dict[str, Any]:
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
                 failure_config=ray.train.FailureConfig(max_failures=0),
             ),
-            datasets=datasets,
-            dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ingest),
         )
         _fit_following(trainer, log_path, offset, job.name, config.steps, log)
     final = ckpt.latest(root)

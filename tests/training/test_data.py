@@ -61,3 +61,26 @@ def test_the_prompt_is_prepended_to_every_text(pairs_dir, tokenizer, tmp_path):
     for plain_ids, prompted_ids in zip(plain["input_ids"], prompted["input_ids"]):
         assert prompted_ids[1 : 1 + len(prompt_ids)].tolist() == prompt_ids
         assert prompted_ids[1 + len(prompt_ids)] == plain_ids[1]
+
+
+def test_the_prefetcher_yields_each_micro_batch_in_order_then_stops(pairs_dir, tokenizer, tmp_path):
+    import ray
+
+    from capfilt.training.data import BatchPrefetcher
+
+    tokenizer.save_pretrained(tmp_path)
+    kwargs = _kwargs(pairs_dir, str(tmp_path))
+    positions = np.arange(5, 19)  # 14 positions: three micro-batches of 5, 5 and 4
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        batches = list(BatchPrefetcher(positions, 5, kwargs, data_cpus=0.5, ahead=2))
+    finally:
+        if started_here:
+            ray.shutdown()
+    assert [batch["position"].tolist() for batch in batches] == [list(range(5, 10)), list(range(10, 15)),
+                                                                 list(range(15, 19))]
+    expected = make_batch({"position": positions}, **kwargs)
+    for name in ("pixel_values", "input_ids", "image_ids"):
+        assert np.array_equal(np.concatenate([batch[name] for batch in batches]), expected[name]), name

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,11 +44,13 @@ def test_two_micro_batches_equal_one_batch_of_both(tokenizer):
                            .text_decoder.cls.predictions.bias)  # the step did change the model
 
 
-def test_model_inputs_cut_texts_to_the_longest_in_the_batch():
-    batch = {"pixel_values": torch.zeros(2, 3, 4, 4), "input_ids": torch.arange(20).view(2, 10),
-             "attention_mask": torch.tensor([[1] * 4 + [0] * 6, [1] * 6 + [0] * 4]), "image_ids": torch.tensor([1, 2])}
+def test_model_inputs_are_the_forward_arguments_as_tensors():
+    batch = {"pixel_values": np.zeros((2, 3, 4, 4), np.float32), "input_ids": np.arange(20).reshape(2, 10),
+             "attention_mask": np.ones((2, 10), np.int64), "image_ids": np.array([1, 2]), "position": np.array([0, 1])}
     inputs = model_inputs(batch, torch.device("cpu"))
-    assert inputs["input_ids"].shape == (2, 6) and inputs["attention_mask"].shape == (2, 6)
+    assert sorted(inputs) == ["attention_mask", "image_ids", "input_ids", "pixel_values"]
+    assert all(isinstance(value, torch.Tensor) for value in inputs.values())
+    assert inputs["input_ids"].tolist() == batch["input_ids"].tolist()
 
 
 def test_prompt_length_counts_the_mode_token_and_the_prompt(tokenizer):
