@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from capfilt.models.med import trim_padding
 from capfilt.models.tokens import itc_ids, itm_ids
 
 RECALL_AT = (1, 5, 10)
@@ -179,11 +180,8 @@ def shortlist(
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         image_rows, text_rows = torch.from_numpy(chunk // num_texts), torch.from_numpy(chunk % num_texts)
-        mask = tokens.attention_mask[text_rows]
-        length = int(mask.sum(1).max())  # trim the padding this batch does not need
-        logits = model.itm_logits(
-            image_embeds[image_rows].to(device), tokens.input_ids[text_rows, :length].to(device), mask[:, :length].to(device)
-        )
+        input_ids, mask = trim_padding(tokens.input_ids[text_rows], tokens.attention_mask[text_rows])
+        logits = model.itm_logits(image_embeds[image_rows].to(device), input_ids.to(device), mask.to(device))
         match_logits[start : start + len(chunk)] = logits[:, 1].float().cpu().numpy()
     i2t_logits = match_logits[inverse[: i2t_codes.size]].reshape(i2t_codes.shape)
     t2i_logits = match_logits[inverse[i2t_codes.size :]].reshape(t2i_codes.shape)

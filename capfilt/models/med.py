@@ -97,8 +97,8 @@ def lm_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_leng
 def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop the columns after the batch's longest text.
 
-    Batches arrive padded to ``max_text_length`` (fixed shapes through Ray Data), mostly pads on
-    short web captions. Trailing pads change no output (keys are masked, positions are absolute, pad
+    Batches arrive padded to ``max_text_length`` (fixed shapes from the decoding tasks), mostly pads
+    on short web captions. Trailing pads change no output (keys are masked, positions are absolute, pad
     labels are ignored) but cost a third to a half of a step's compute.
     """
     length = int(attention_mask.sum(1).max()) if attention_mask.numel() else 0

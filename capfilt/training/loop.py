@@ -6,9 +6,8 @@ The driver (:func:`train`) picks the resume point (the newest complete checkpoin
 steps: ``grad_accumulation`` micro-batches, AdamW, the learning rate of
 :func:`~capfilt.training.optim.lr_at`, bf16 autocast on GPU; Ray tasks decode each rank's batches
 ahead of it (:mod:`capfilt.training.data`). Every ``checkpoint_every`` steps (and at the end) rank 0
-writes a checkpoint
-(:mod:`capfilt.training.checkpoint`) and reports it to Ray Train, which copies it into the stage
-directory. Every random draw of step ``s`` on rank ``r`` comes from a generator seeded by
+writes a checkpoint (:mod:`capfilt.training.checkpoint`) and reports it to Ray Train, which copies it
+into the stage directory. Every random draw of step ``s`` on rank ``r`` comes from a generator seeded by
 (seed, s, r), and the data of step ``s`` is fixed by (seed, s), so a resumed run continues exactly.
 
 Rank 0 appends one JSON line per ``log_every`` steps to ``<out_dir>/train_log.jsonl``; the driver
@@ -85,7 +84,7 @@ def train_step(
     return totals
 
 
-def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
     """A decoded batch → MED.forward arguments (which cuts the texts to the batch's longest).
 
     Copied: arrays fetched with ``ray.get`` are read-only views of the object store.
@@ -398,7 +397,6 @@ def train(job: TrainJob, log: Callable[[str], None] = print) -> dict[str, Any]:
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
-
 
     config = job.config
     if not ray.is_initialized():
