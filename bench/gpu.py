@@ -6,7 +6,8 @@ exported as capfilt exports them and loaded by ``CapFiltWorker`` exactly as a Ra
 
 - ``captioning``: ``Captioner.generate`` on pre-normalised batches (ViT + K nucleus captions per image,
   the reference's settings: top_p 0.9, top_k 50, repetition penalty 1.1, lengths 10-30);
-- ``filtering``: ``Scorer.score`` of the web caption and the K captions of each image (ViT + ITM + ITC);
+- ``filtering``: ``Scorer.score`` of the web caption and the K captions of each image (ViT + ITM, + ITC
+  unless ``--no-itc-similarity``, which scores as the per-sample loop does);
 - ``capfilt``: ``CapFiltWorker.__call__`` on decoded-row tables as the read tasks hand them over
   (uint8 pixels in Arrow) - the actor's whole job, tables in and out;
 - ``per_sample_loop``: the peer-tool baseline on the same device and dtype (JPEG decode, one
@@ -135,6 +136,8 @@ def parse_args(argv=None):
     parser.add_argument("--loop-images", type=int, default=64, help="most images through the per-sample loop")
     parser.add_argument("--flop-batch", type=int, default=None, help="images in the FLOP-counting batch (default 8)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the device's dense bf16 peak")
+    parser.add_argument("--no-itc-similarity", dest="itc_similarity", action="store_false",
+                        help="ITM only (capfilt's itc_similarity: false): the work the per-sample loop does")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args(argv)
@@ -181,7 +184,8 @@ def main(argv=None) -> dict[str, Any]:
         results: dict[str, Any] = {}
         for k in args.ks:
             config = CapFiltConfig(captioners=[{"path": models["captioner"]}], filters=[{"path": models["filter"]}],
-                                   sampling={"num_captions": k}, batch_size=batch, dtype=args.dtype)
+                                   sampling={"num_captions": k}, batch_size=batch, dtype=args.dtype,
+                                   itc_similarity=args.itc_similarity)
             loaded = time.time()
             worker = CapFiltWorker(config.model_dump(mode="json"), [r.model_dump() for r in config.captioners],
                                    [r.model_dump() for r in config.filters])
@@ -237,7 +241,8 @@ def main(argv=None) -> dict[str, Any]:
         "dtype": str(dtype).removeprefix("torch."),
         "peak_bf16_tflops": round(peak / 1e12, 1) if peak else None,
         "settings": {"model_size": args.size, "image_size": image_size, "batch_size": args.batch_size, "ks": args.ks,
-                     "sampling": "nucleus top_p=0.9 top_k=50 rep=1.1 len=10-30", "seconds_budget": args.seconds},
+                     "sampling": "nucleus top_p=0.9 top_k=50 rep=1.1 len=10-30", "seconds_budget": args.seconds,
+                     "itc_similarity": args.itc_similarity},
         "results": results,
         "ray_imported": "ray" in sys.modules,
         "setup_s": round(setup_s, 1),

@@ -9,6 +9,10 @@ Same model (random weights), same data, one run:
 - ``model_ceiling``: the CapFiltWorker's own captioner and scorer on pre-decoded, pre-batched, normalised
   tensors: no I/O, no table plumbing.
 
+``capfilt`` and ``model_ceiling`` score like the loop, ITM only (``itc_similarity: false``), so the
+three do the same work; ``with_itc_similarity`` repeats both with capfilt's default, which also
+records every text's ITC similarity (one more text-encoder pass per text), and says what that costs.
+
 Every model runs on one intra-op thread, as a capfilt CPU actor does (decode tasks get the other CPU).
 
     python bench/throughput.py            # flickr8k-1k photos + generated-world images, K=1 and K=4
@@ -158,11 +162,13 @@ class PerSampleLoop:
         return best_of(rounds)
 
 
-def capfilt_config(shards: list[str], models: dict[str, str], k: int, batch_size: int, actors: int = 1):
+def capfilt_config(shards: list[str], models: dict[str, str], k: int, batch_size: int, actors: int = 1,
+                   itc_similarity: bool = False):
     from capfilt.config import CapFiltConfig, ReaderConfig
 
     return CapFiltConfig(
         web=ReaderConfig(paths=shards),
+        itc_similarity=itc_similarity,  # off: ITM only, the work the per-sample loop does
         captioners=[{"path": models["captioner"]}],
         filters=[{"path": models["filter"]}],
         sampling={"num_captions": k},  # the reference's nucleus settings: top_p 0.9, lengths 10-30
@@ -178,6 +184,16 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return round(numerator / denominator, 3) if numerator and denominator else None
 
 
+def ratios(stage: dict[str, Any], ceiling: dict[str, Any], loop: dict[str, Any]) -> dict[str, float | None]:
+    steady = stage["images_per_s_steady"] or stage["images_per_s_total"]
+    return {
+        "capfilt_steady_over_loop": ratio(steady, loop["images_per_s"]),
+        "capfilt_steady_over_ceiling": ratio(steady, ceiling["images_per_s"]),
+        "capfilt_total_over_ceiling": ratio(stage["images_per_s_total"], ceiling["images_per_s"]),
+        "ceiling_over_loop": ratio(ceiling["images_per_s"], loop["images_per_s"]),
+    }
+
+
 def measure_dataset(name: str, shards: list[str], models: dict[str, str], args, workdir: Path) -> dict[str, Any]:
     import torch
 
@@ -188,28 +204,27 @@ def measure_dataset(name: str, shards: list[str], models: dict[str, str], args, 
     pixels, keys, captions, raw = decoded_rows(shards, image_size, max(args.ceiling_images, args.loop_images + 1))
     report: dict[str, Any] = {"shards": len(shards), "rows": sum(_rows(p) for p in shards)}
     for k in args.ks:
-        config = capfilt_config(shards, models, k, args.batch_size)
-        load_before = common.load_average()
-        stage = common.run_stage(config, str(workdir / f"{name}-k{k}"))
-
-        torch.set_num_threads(1)
-        worker = CapFiltWorker(config.model_dump(mode="json"), [r.model_dump() for r in config.captioners],
-                               [r.model_dump() for r in config.filters], threads=1)
-        ceiling = model_ceiling(worker, pixels[: args.ceiling_images], keys[: args.ceiling_images],
-                                captions[: args.ceiling_images], args.batch_size, args.repeats)
+        measured = {}
+        for itc_similarity in (False, True):
+            config = capfilt_config(shards, models, k, args.batch_size, itc_similarity=itc_similarity)
+            load_before = common.load_average()
+            stage = common.run_stage(config, str(workdir / f"{name}-k{k}-itc{int(itc_similarity)}"))
+            torch.set_num_threads(1)
+            worker = CapFiltWorker(config.model_dump(mode="json"), [r.model_dump() for r in config.captioners],
+                                   [r.model_dump() for r in config.filters], threads=1)
+            ceiling = model_ceiling(worker, pixels[: args.ceiling_images], keys[: args.ceiling_images],
+                                    captions[: args.ceiling_images], args.batch_size, args.repeats)
+            measured[itc_similarity] = (stage, ceiling, load_before)
         loop = PerSampleLoop(models, config.sampling, config.max_text_length).measure(
             raw[1 : args.loop_images + 1], captions[1 : args.loop_images + 1], repeats=args.repeats)
-        steady = stage["images_per_s_steady"] or stage["images_per_s_total"]
+        (stage, ceiling, load_before), (itc_stage, itc_ceiling, _) = measured[False], measured[True]
         report[f"k{k}"] = {
             "capfilt": stage,
             "per_sample_loop": loop,
             "model_ceiling": ceiling,
-            "ratios": {
-                "capfilt_steady_over_loop": ratio(steady, loop["images_per_s"]),
-                "capfilt_steady_over_ceiling": ratio(steady, ceiling["images_per_s"]),
-                "capfilt_total_over_ceiling": ratio(stage["images_per_s_total"], ceiling["images_per_s"]),
-                "ceiling_over_loop": ratio(ceiling["images_per_s"], loop["images_per_s"]),
-            },
+            "ratios": ratios(stage, ceiling, loop),
+            "with_itc_similarity": {"capfilt": itc_stage, "model_ceiling": itc_ceiling,
+                                    "ratios": ratios(itc_stage, itc_ceiling, loop)},
             "load_average_before_after": [load_before, common.load_average()],
         }
     return report
@@ -277,7 +292,8 @@ def main(argv=None) -> dict[str, Any]:
         "settings": {"model_size": args.size, "ks": args.ks, "batch_size": args.batch_size,
                      "rows_per_shard": args.rows_per_shard, "ray_cpus": args.num_cpus, "actors": 1,
                      "threads_per_model": 1, "repeats": args.repeats,
-                     "sampling": "nucleus top_p=0.9 top_k=50 rep=1.1 len=10-30"},
+                     "sampling": "nucleus top_p=0.9 top_k=50 rep=1.1 len=10-30",
+                     "filter_scores": "itm (with_itc_similarity: itm + itc)"},
         "datasets": results,
         "notes": notes,
         "seconds": round(time.time() - started, 1),

@@ -4,9 +4,13 @@ Each image goes through the ViT once, and the cross-attention keys and values of
 projected once per text layer, whatever the number of texts it has. ITM then runs slot by slot: the
 j-th text of every image forms one batch aligned with the images, so it cross-attends to those
 per-image keys and values as they are, and texts of one kind (the web caption, the first synthetic
-caption, ...) share a batch and pad to similar lengths. ITC, the text alone, runs in batches of
-similar length. The price: the keys and values of every text layer are held at once for a chunk of
-``max_texts_per_forward`` images (BLIP-base in bf16: about 21 MB per image).
+caption, ...) share a batch and pad to similar lengths. The price: the keys and values of every text
+layer are held at once for a chunk of ``max_texts_per_forward`` images (BLIP-base in bf16: about
+21 MB per image).
+
+ITC, the text alone, runs in batches of similar length, unless ``itc_similarity`` is off: it is a
+second text-encoder pass per text that CapFilt's keep decision never reads (a fifth to a third of
+the scoring time, measured in bench/README.md).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from capfilt.models.tokens import itc_ids, itm_ids
 @dataclass(frozen=True)
 class TextScore:
     itm_prob: float  # softmax(ITM logits)[1]: the probability that the text matches the image
-    itc_sim: float  # cosine of the projected image and text [CLS] features
+    itc_sim: float | None  # cosine of the projected image and text [CLS] features; None when not computed
 
 
 class Scorer:
@@ -39,6 +43,7 @@ class Scorer:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         max_texts_per_forward: int = 256,
+        itc_similarity: bool = True,
     ):
         if max_text_length < 2:
             raise ValueError(f"max_text_length must leave room for [CLS] and [SEP], got {max_text_length}")
@@ -50,13 +55,14 @@ class Scorer:
         self.tokenizer = tokenizer
         self.max_text_length = max_text_length
         self.max_texts_per_forward = max_texts_per_forward
+        self.itc_similarity = itc_similarity
 
     def settings(self) -> dict:
         """Everything that determines the scores, for provenance."""
         return {
             "max_text_length": self.max_text_length,
             "itm_first_token": "[ENC]",
-            "itc_first_token": "[CLS]",
+            "itc_first_token": "[CLS]" if self.itc_similarity else None,
             "dtype": str(self.dtype).removeprefix("torch."),
         }
 
@@ -81,12 +87,9 @@ class Scorer:
 
         pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
         image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state
-        # last_hidden_state[:, 0], not pooler_output: transformers applies post_layernorm to the
-        # pooled token a second time.
-        image_feats = F.normalize(self.model.vision_proj(image_embeds[:, 0]).float(), dim=-1)
         token_ids = self.tokenizer(flat_texts, truncation=True, max_length=self.max_text_length).input_ids
         itm_probs = torch.empty(len(flat_texts))
-        itc_sims = torch.empty(len(flat_texts))
+        itc_sims = torch.full((len(flat_texts),), float("nan"))
         first_text = [0]  # flat index of each image's first text
         for image_texts in texts:
             first_text.append(first_text[-1] + len(image_texts))
@@ -106,17 +109,21 @@ class Scorer:
                     slot_keys_values = keys_values
                 itm_probs[flat] = self._itm([token_ids[f] for f in flat], image_embeds[rows], slot_keys_values)
 
-        # ITC: the text alone, in chunks of similar length so that little of each batch is padding.
-        image_index = torch.tensor(image_index, device=self.device)
-        by_length = sorted(range(len(flat_texts)), key=lambda f: len(token_ids[f]))
-        for start in range(0, len(by_length), step):
-            flat = by_length[start : start + step]
-            text_feats = self._itc([token_ids[f] for f in flat])
-            itc_sims[flat] = (image_feats[image_index[flat]] * text_feats).sum(dim=-1).cpu()
+        if self.itc_similarity:
+            # The text alone, in chunks of similar length so that little of each batch is padding.
+            # last_hidden_state[:, 0], not pooler_output: transformers applies post_layernorm to the
+            # pooled token a second time.
+            image_feats = F.normalize(self.model.vision_proj(image_embeds[:, 0]).float(), dim=-1)
+            on_device = torch.tensor(image_index, device=self.device)
+            by_length = sorted(range(len(flat_texts)), key=lambda f: len(token_ids[f]))
+            for start in range(0, len(by_length), step):
+                flat = by_length[start : start + step]
+                text_feats = self._itc([token_ids[f] for f in flat])
+                itc_sims[flat] = (image_feats[on_device[flat]] * text_feats).sum(dim=-1).cpu()
 
         scores: list[list[TextScore]] = [[] for _ in texts]
-        for i, prob, sim in zip(image_index.tolist(), itm_probs.tolist(), itc_sims.tolist()):
-            scores[i].append(TextScore(itm_prob=prob, itc_sim=sim))
+        for i, prob, sim in zip(image_index, itm_probs.tolist(), itc_sims.tolist()):
+            scores[i].append(TextScore(itm_prob=prob, itc_sim=sim if self.itc_similarity else None))
         return scores
 
     def _pad(self, token_ids: list[list[int]]):

@@ -317,7 +317,8 @@ class CapFiltWorker:
             self.captioners.append((model_id(ref, loaded.provenance), _preprocessing(loaded), captioner))
         for ref in map(ModelRef.model_validate, filters):
             loaded = load_filter(ref.path, revision=ref.revision, device=self.device, dtype=self.dtype)
-            scorer = Scorer(loaded.model, loaded.tokenizer, self.config.max_text_length, self.device, self.dtype)
+            scorer = Scorer(loaded.model, loaded.tokenizer, self.config.max_text_length, self.device, self.dtype,
+                            itc_similarity=self.config.itc_similarity)
             self.filters.append((model_id(ref, loaded.provenance), _preprocessing(loaded), scorer))
 
     def device_images(self, pixels: np.ndarray):
@@ -431,7 +432,7 @@ class CapFiltWorker:
         return pa.Table.from_pydict({name: results[name] for name in RESULT_SCHEMA.names}, schema=RESULT_SCHEMA)
 
     def _score(self, scored: list[int], pixel_values, texts, decisions) -> tuple[dict, dict]:
-        """Mean ITM probability and ITC similarity over the filters; sets each candidate's decision."""
+        """Mean ITM probability and ITC similarity (None when off) over the filters; sets each candidate's decision."""
         config = self.config
         candidates = [[j for j, d in enumerate(decisions[i]) if d is None] for i in scored]
         prob_sum = [np.zeros(len(c)) for c in candidates]
@@ -443,11 +444,12 @@ class CapFiltWorker:
             )
             for r, image_scores in enumerate(scores):
                 prob_sum[r] += [score.itm_prob for score in image_scores]
-                sim_sum[r] += [score.itc_sim for score in image_scores]
+                if config.itc_similarity:
+                    sim_sum[r] += [score.itc_sim for score in image_scores]
         probs, sims = {}, {}
         for r, (i, c) in enumerate(zip(scored, candidates)):
             mean_probs = (prob_sum[r] / len(self.filters)).tolist()
-            mean_sims = (sim_sum[r] / len(self.filters)).tolist()
+            mean_sims = (sim_sum[r] / len(self.filters)).tolist() if config.itc_similarity else [None] * len(c)
             probs[i], sims[i] = [None] * len(texts[i]), [None] * len(texts[i])
             for t, (j, decision) in enumerate(zip(c, decide(mean_probs, config.threshold, config.keep_policy, config.best_n))):
                 decisions[i][j] = decision

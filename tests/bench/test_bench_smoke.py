@@ -69,6 +69,10 @@ def test_throughput_reports_all_three_ways_and_their_ratios(local_ray, capsys, t
     assert set(k1["ratios"]) == {"capfilt_steady_over_loop", "capfilt_steady_over_ceiling",
                                  "capfilt_total_over_ceiling", "ceiling_over_loop"}
     assert k1["ratios"]["ceiling_over_loop"] > 0
+    # capfilt's default (ITC similarity recorded too) measured beside the like-for-like ITM-only run
+    with_itc = k1["with_itc_similarity"]
+    assert with_itc["capfilt"]["images"] == 8 and with_itc["capfilt"]["texts_scored"] == 16
+    assert with_itc["model_ceiling"]["images_per_s"] > 0 and set(with_itc["ratios"]) == set(k1["ratios"])
 
 
 def test_scaling_runs_each_pool_size(local_ray, capsys, tmp_path):
@@ -98,8 +102,9 @@ def test_memory_measures_driver_actors_and_readers_per_size():
 
 
 def test_gpu_benchmark_runs_tiny_on_cpu_without_ray():
-    result = _run_script("gpu.py", "--tiny", "--seconds", "0.6", "--ks", "1,2")
+    result = _run_script("gpu.py", "--tiny", "--seconds", "0.6", "--ks", "1,2", "--no-itc-similarity")
     assert result["benchmark"] == "gpu"
+    assert result["settings"]["itc_similarity"] is False
     assert result["ray_imported"] is False
     assert result["settings"]["model_size"] == "test"
     for k in ("k1", "k2"):

@@ -42,6 +42,23 @@ def test_one_vision_pass_for_all_texts(retrieval_model, tokenizer, images):
             assert -1.0 <= score.itc_sim <= 1.0
 
 
+def test_without_itc_similarity_match_probabilities_are_unchanged_and_the_text_pass_is_skipped(
+    retrieval_model, tokenizer, images
+):
+    with_itc = Scorer(retrieval_model, tokenizer).score(images[:3], TEXTS)
+    calls = []
+    hook = retrieval_model.text_encoder.register_forward_hook(lambda module, args, kwargs, output: calls.append(
+        kwargs.get("encoder_hidden_states") is not None), with_kwargs=True)
+    try:
+        itm_only = Scorer(retrieval_model, tokenizer, itc_similarity=False).score(images[:3], TEXTS)
+    finally:
+        hook.remove()
+    assert calls and all(calls)  # every text-encoder pass cross-attends: ITM only
+    assert [[s.itm_prob for s in row] for row in itm_only] == [[s.itm_prob for s in row] for row in with_itc]
+    assert all(s.itc_sim is None for row in itm_only for s in row)
+    assert all(s.itc_sim is not None for row in with_itc for s in row)
+
+
 def test_matches_transformers_forward_for_single_pairs(retrieval_model, tokenizer, images):
     scores = Scorer(retrieval_model, tokenizer).score(images[:3], TEXTS)
     for i, per_image in enumerate(TEXTS):

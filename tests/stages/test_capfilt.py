@@ -107,6 +107,20 @@ def test_batch_size_and_actor_count_do_not_change_the_output(baseline, small_wor
     assert _rows(other) == _rows(output)
 
 
+def test_without_itc_similarity_the_same_rows_are_kept_and_itc_sim_is_null(baseline, small_world, tiny_models, tmp_path):
+    output, _ = baseline
+    with pytest.raises(OutputConflictError, match="itc_similarity: True -> False"):
+        run_capfilt(_config(small_world, tiny_models, itc_similarity=False), output)  # a different output
+    itm_only = str(tmp_path / "itm-only")
+    run_capfilt(_config(small_world, tiny_models, itc_similarity=False), itm_only)
+    assert _rows(itm_only) == _rows(output)
+    scored = lambda rows: [r for r in rows if r["source"] != "human"]  # noqa: E731  (human pairs are never scored)
+    baseline_pairs = scored(pq.read_table(f"{output}/pairs").to_pylist())
+    pairs = scored(pq.read_table(f"{itm_only}/pairs").to_pylist())
+    assert pairs and all(r["itc_sim"] is not None for r in baseline_pairs)
+    assert all(r["itc_sim"] is None and r["itm_prob"] is not None for r in pairs)
+
+
 def test_byte_limit_commits_whole_shards_sooner_with_the_same_rows(baseline, small_world, tiny_models, tmp_path):
     output, manifest = baseline
     target = str(tmp_path / "bytes")
