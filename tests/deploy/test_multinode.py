@@ -222,9 +222,10 @@ class Cluster:
     def wait_for(self, condition, what: str, timeout: float, process: subprocess.Popen) -> None:
         deadline = time.time() + timeout
         while not condition():
-            if process.poll() is not None:
-                raise RuntimeError(f"`ray start` exited ({process.returncode}) before {what} was up\n"
-                                   f"{self.node_logs()}")
+            for node in (process, self.head):
+                if node is not None and node.poll() is not None:
+                    raise RuntimeError(f"`ray start` exited ({node.returncode}) before {what} was up\n"
+                                       f"{self.node_logs()}")
             if time.time() > deadline:
                 raise TimeoutError(f"timed out waiting for {what}\n{self.node_logs()}")
             time.sleep(1)
@@ -264,6 +265,8 @@ class Cluster:
                 unanswered = None
             except (OSError, ValueError) as error:
                 unanswered = error
+                if self.head is not None and self.head.poll() is not None:
+                    raise RuntimeError(f"the head node exited while job {job_id} ran\n{self.node_logs()}") from error
             if time.time() > deadline:
                 raise TimeoutError(f"job {job_id} did not finish in {timeout:.0f}s (last dashboard error: "
                                    f"{unanswered}):\n{self.logs(job_id)[-4000:]}")
@@ -453,10 +456,37 @@ def test_capfilt_job_on_a_multinode_cluster(cluster, small_world, tiny_models, t
     assert HEAD_IP not in cluster.workers and nodes & set(cluster.workers), nodes
 
 
-@pytest.mark.timeout(1500)
+def _head_died(cluster: Cluster) -> bool:
+    """Whether the head's ``ray start --block`` has exited: one of its processes (the GCS) died."""
+    return cluster.head is not None and cluster.head.poll() is not None
+
+
+@pytest.mark.timeout(2400)
 def test_killing_a_worker_node_mid_job_loses_and_duplicates_nothing(cluster, larger_world, tiny_models, tmp_path):
-    output = tmp_path / "out"
-    job_dir = _job_dir(tmp_path / "job", larger_world, tiny_models, output, batch_size=1)
+    try:
+        _kill_a_worker_mid_job(cluster, larger_world, tiny_models, tmp_path / "first")
+        return
+    except Exception:
+        if not _head_died(cluster):
+            raise
+    # Ray's own GCS on the head aborted (seen once, in a full-suite run on 2026-11-27: SIGABRT from
+    # an uncaught exception in gRPC's CallOpSet::FillOps right after the worker node was SIGKILLed).
+    # That is Ray's head dying, a different failure from the one under test, and no job survives
+    # it; the scenario runs once more on a fresh cluster, and a second crash fails the test.
+    print(f"Ray's head died during the scenario; rerunning it on a fresh cluster:\n{cluster.node_logs(1500)}")
+    fresh = Cluster()
+    try:
+        fresh.start_head()
+        fresh.add_worker()
+        _kill_a_worker_mid_job(fresh, larger_world, tiny_models, tmp_path / "second")
+    finally:
+        fresh.stop()
+        shutil.rmtree(fresh.temp_dir, ignore_errors=True)
+
+
+def _kill_a_worker_mid_job(cluster: Cluster, world, models, root: Path) -> None:
+    output = root / "out"
+    job_dir = _job_dir(root / "job", world, models, output, batch_size=1)
     victim = next(ip for ip, process in cluster.workers.items() if process.poll() is None)
     job = cluster.submit(job_dir, *ENTRYPOINT)
 
@@ -485,7 +515,7 @@ def test_killing_a_worker_node_mid_job_loses_and_duplicates_nothing(cluster, lar
         info = cluster.wait_job(cluster.submit(job_dir, *ENTRYPOINT))
         attempts.append(info["status"])
     assert info["status"] == "SUCCEEDED", f"{attempts}: {info.get('message')}"
-    _check_output(output, larger_world)
+    _check_output(output, world)
     assert len(list(commits.glob("*.json"))) > committed_at_kill
     # The killed node had been working on the job (its tasks' records outlive it).
     assert victim in cluster.job_nodes(job), cluster.job_nodes(job)
