@@ -89,7 +89,6 @@ class Scorer:
         image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state
         token_ids = self.tokenizer(flat_texts, truncation=True, max_length=self.max_text_length).input_ids
         itm_probs = torch.empty(len(flat_texts))
-        itc_sims = torch.full((len(flat_texts),), float("nan"))
         first_text = [0]  # flat index of each image's first text
         for image_texts in texts:
             first_text.append(first_text[-1] + len(image_texts))
@@ -109,6 +108,7 @@ class Scorer:
                     slot_keys_values = keys_values
                 itm_probs[flat] = self._itm([token_ids[f] for f in flat], image_embeds[rows], slot_keys_values)
 
+        itc_sims: list[float | None] = [None] * len(flat_texts)
         if self.itc_similarity:
             # The text alone, in chunks of similar length so that little of each batch is padding.
             # last_hidden_state[:, 0], not pooler_output: transformers applies post_layernorm to the
@@ -119,11 +119,13 @@ class Scorer:
             for start in range(0, len(by_length), step):
                 flat = by_length[start : start + step]
                 text_feats = self._itc([token_ids[f] for f in flat])
-                itc_sims[flat] = (image_feats[on_device[flat]] * text_feats).sum(dim=-1).cpu()
+                sims = (image_feats[on_device[flat]] * text_feats).sum(dim=-1).tolist()
+                for f, sim in zip(flat, sims):
+                    itc_sims[f] = sim
 
         scores: list[list[TextScore]] = [[] for _ in texts]
-        for i, prob, sim in zip(image_index, itm_probs.tolist(), itc_sims.tolist()):
-            scores[i].append(TextScore(itm_prob=prob, itc_sim=sim if self.itc_similarity else None))
+        for i, prob, sim in zip(image_index, itm_probs.tolist(), itc_sims):
+            scores[i].append(TextScore(itm_prob=prob, itc_sim=sim))
         return scores
 
     def _pad(self, token_ids: list[list[int]]):
