@@ -18,11 +18,10 @@ import contextlib
 import hashlib
 from typing import Sequence
 
+import numpy as np
 import torch
 from transformers import (
     BlipForConditionalGeneration,
-    DynamicCache,
-    EncoderDecoderCache,
     GenerationConfig,
     LogitsProcessorList,
     MinLengthLogitsProcessor,
@@ -33,6 +32,7 @@ from transformers import (
 )
 
 from capfilt.config import CaptionSampling
+from capfilt.inference.blip_forward import CaptionDecoder, vision_embeds
 from capfilt.models.tokens import special_ids
 
 # Names the noise scheme in provenance: change it whenever the mapping from
@@ -94,26 +94,71 @@ def sample_inverse_cdf(scores: torch.Tensor, uniforms: torch.Tensor) -> torch.Te
     return tokens.clamp_(max=scores.shape[-1] - 1)
 
 
-def cross_attention_keys_values(
-    text_model, image_embeds: torch.Tensor, repeats: int = 1
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Every cross-attention layer's (keys, values) for ``image_embeds``, each image repeated ``repeats`` times.
+class NucleusSampler:
+    """Each row's next token from its logits and its uniform, as :func:`build_logits_filter` followed by
+    :func:`sample_inverse_cdf` picks it, without sorting the vocabulary.
 
-    They depend on the image alone, so projecting the image tokens here once per image, instead of
-    once per text or caption row, saves ``repeats - 1`` of those projections per layer. ``text_model``
-    is a ``BlipTextModel``; ``DynamicCache(result)`` is the cross-attention half of an
-    ``EncoderDecoderCache``, which then treats every layer as already filled.
+    That path sorts every row's whole vocabulary for top-p and runs softmax and cumsum over all of it,
+    though top-k has left at most ``top_k`` candidates: at a 1,641-token vocabulary this was a third of
+    caption time on the CPU (bench/README.md). Here top-p and the inverse CDF run on the ``top_k``
+    candidates alone (``topk`` returns them sorted, which top-p needs). Rows where equal logits make
+    the choice depend on tie order (the k-th logit tied with a token outside the candidates, or
+    top-p's cut between equal logits; frequent in bfloat16) and samplers without top-k take the full
+    path, so the tokens are the full path's (tests/inference/test_captioner.py).
     """
-    layers = []
-    for layer in text_model.encoder.layer:
-        attention = layer.crossattention.self
-        shape = (*image_embeds.shape[:-1], -1, attention.attention_head_size)
-        keys = attention.key(image_embeds).view(shape).transpose(1, 2)
-        values = attention.value(image_embeds).view(shape).transpose(1, 2)
-        if repeats > 1:
-            keys, values = keys.repeat_interleave(repeats, dim=0), values.repeat_interleave(repeats, dim=0)
-        layers.append((keys, values))
-    return layers
+
+    def __init__(self, sampling: CaptionSampling, eos_token_id: int, device: str | torch.device = "cpu"):
+        self.full_filter = build_logits_filter(sampling, eos_token_id, device)
+        self.penalties = LogitsProcessorList(
+            f for f in self.full_filter if not isinstance(f, (TopKLogitsWarper, TopPLogitsWarper))
+        )
+        self.top_k, self.top_p = sampling.top_k, sampling.nucleus_top_p
+
+    def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        if self.top_k is None or self.top_k >= logits.shape[-1]:
+            return sample_inverse_cdf(self.full_filter(input_ids, logits.float()), uniforms)
+        scores = self.penalties(input_ids, logits.float())
+        values, candidates = _top_k(scores, self.top_k)
+        tokens, undecided = self._sample_candidates(values, candidates, uniforms)
+        # Top-k keeps every token tied with the k-th; torch.sort orders equal logits as it likes, so
+        # ties across top-p's cut are decided by the full path's own sort.
+        undecided |= (scores >= values[:, -1:]).sum(dim=-1) > self.top_k
+        if bool(undecided.any()):
+            rows = undecided.nonzero().squeeze(1)
+            full = self.full_filter(input_ids[rows], logits[rows].float())
+            tokens[rows] = sample_inverse_cdf(full, uniforms[rows])
+        return tokens
+
+    def _sample_candidates(
+        self, values: torch.Tensor, candidates: torch.Tensor, uniforms: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens, and the rows whose top-p cut falls between equal logits."""
+        ascending = values.flip(-1)
+        undecided = torch.zeros(len(values), dtype=torch.bool, device=values.device)
+        if self.top_p < 1.0:  # TopPLogitsWarper on the candidates: drop the least likely tokens up to 1 - top_p
+            remove = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - self.top_p
+            remove[:, -1] = False
+            cut = remove[:, :-1] & ~remove[:, 1:]  # the last removed position
+            undecided = (cut & (ascending[:, :-1] == ascending[:, 1:])).any(dim=-1)
+            ascending = ascending.masked_fill(remove, float("-inf"))
+        # Back to vocabulary order: the inverse CDF walks tokens by id, as on the full path.
+        ids, order = candidates.flip(-1).sort(dim=-1)
+        chosen = sample_inverse_cdf(ascending.gather(-1, order), uniforms)
+        return ids.gather(-1, chosen[:, None]).squeeze(1), undecided
+
+
+def _top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scores.topk(k)``: values descending and their ids. On the CPU numpy's introselect does it:
+    torch's topk took four times as long for 128 rows of 1,641 tokens (bench/README.md). Equal
+    values may come in another order; NucleusSampler does not depend on it."""
+    if scores.device.type != "cpu":
+        return scores.topk(k)
+    array = scores.numpy()
+    top = np.argpartition(array, -k, axis=-1)[:, -k:]
+    values = np.take_along_axis(array, top, axis=-1)
+    order = np.argsort(-values, axis=-1, kind="stable")
+    return (torch.from_numpy(np.take_along_axis(values, order, axis=-1)),
+            torch.from_numpy(np.take_along_axis(top, order, axis=-1)))
 
 
 class Captioner:
@@ -146,7 +191,7 @@ class Captioner:
             )
         self.prompt_ids = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)
         self.prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=True).strip()
-        self.logits_filter = build_logits_filter(sampling, self.ids["sep"], self.device)
+        self.sampler = NucleusSampler(sampling, self.ids["sep"], self.device)
 
     def settings(self) -> dict:
         """Everything that determines the captions, for provenance."""
@@ -184,7 +229,7 @@ class Captioner:
             return self.prompt_ids.new_empty(0, len(self.prompt_ids))
 
         pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
-        image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state
+        image_embeds = vision_embeds(self.model.vision_model, pixel_values)
         if self.sampling.method == "beam":
             return self._beam(image_embeds)
         return self._nucleus(image_embeds, keys, round)
@@ -197,34 +242,18 @@ class Captioner:
         seeds = [row_seed(self.sampling.seed, key, round, j) for key in keys for j in range(k)]
         uniforms = row_uniforms(seeds, num_steps).to(self.device)
 
-        decoder = self.model.text_decoder
         input_ids = self.prompt_ids.expand(num_rows, -1)
         finished = torch.zeros(num_rows, dtype=torch.bool, device=self.device)
-        # Self-attention keys/values grow by one token per step; cross-attention ones depend on the
-        # image alone, so they are computed once per image (not per caption) before the first step.
-        cache = EncoderDecoderCache(
-            DynamicCache(config=decoder.config),
-            DynamicCache(cross_attention_keys_values(decoder.bert, image_embeds, k)),
-        )
-        # Keys and values come from the cache; the image states only switch cross-attention on.
-        image_embeds = image_embeds.repeat_interleave(k, dim=0)
-        step_ids = input_ids
+        decoder = CaptionDecoder(self.model.text_decoder, image_embeds, k, self.sampling.max_length)
+        step_ids = self.prompt_ids
         for step in range(num_steps):
-            out = decoder(
-                input_ids=step_ids,
-                encoder_hidden_states=image_embeds,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            scores = self.logits_filter(input_ids, out.logits[:, -1].float())
-            next_ids = sample_inverse_cdf(scores, uniforms[:, step])
+            next_ids = self.sampler(input_ids, decoder(step_ids), uniforms[:, step])
             next_ids = next_ids.masked_fill(finished, pad)
             input_ids = torch.cat([input_ids, next_ids[:, None]], dim=1)
             finished |= next_ids == sep
             if bool(finished.all()):
                 break
-            step_ids = next_ids[:, None]
+            step_ids = next_ids
         return input_ids
 
     def _beam(self, image_embeds: torch.Tensor) -> torch.Tensor:

@@ -20,9 +20,9 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers import BlipForImageTextRetrieval, DynamicCache, EncoderDecoderCache
+from transformers import BlipForImageTextRetrieval
 
-from capfilt.inference.captioner import cross_attention_keys_values
+from capfilt.inference.blip_forward import cross_attention_keys_values, text_hidden_states, vision_embeds
 from capfilt.models.tokens import itc_ids, itm_ids
 
 
@@ -86,7 +86,7 @@ class Scorer:
             return [[] for _ in texts]
 
         pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
-        image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state
+        image_embeds = vision_embeds(self.model.vision_model, pixel_values)
         token_ids = self.tokenizer(flat_texts, truncation=True, max_length=self.max_text_length).input_ids
         itm_probs = torch.empty(len(flat_texts))
         first_text = [0]  # flat index of each image's first text
@@ -106,7 +106,7 @@ class Scorer:
                     slot_keys_values = [(keys[index], values[index]) for keys, values in keys_values]
                 else:
                     slot_keys_values = keys_values
-                itm_probs[flat] = self._itm([token_ids[f] for f in flat], image_embeds[rows], slot_keys_values)
+                itm_probs[flat] = self._itm([token_ids[f] for f in flat], slot_keys_values)
 
         itc_sims: list[float | None] = [None] * len(flat_texts)
         if self.itc_similarity:
@@ -131,22 +131,16 @@ class Scorer:
     def _pad(self, token_ids: list[list[int]]):
         return self.tokenizer.pad({"input_ids": token_ids}, padding="longest", return_tensors="pt").to(self.device)
 
-    def _itm(self, token_ids: list[list[int]], image_embeds: torch.Tensor, keys_values) -> torch.Tensor:
+    def _itm(self, token_ids: list[list[int]], keys_values) -> torch.Tensor:
         """Match probability of ``token_ids[r]`` against image ``r``: [ENC] first, cross-attention to the image."""
         tokens = self._pad(token_ids)
-        out = self.model.text_encoder(
-            input_ids=itm_ids(tokens.input_ids, self.tokenizer),
-            attention_mask=tokens.attention_mask,
-            # Keys and values come from the cache; the image states only switch cross-attention on.
-            encoder_hidden_states=image_embeds,
-            cache=EncoderDecoderCache(DynamicCache(), DynamicCache(keys_values)),
-        ).last_hidden_state
+        out = text_hidden_states(
+            self.model.text_encoder, itm_ids(tokens.input_ids, self.tokenizer), tokens.attention_mask, keys_values
+        )
         return self.model.itm_head(out[:, 0]).float().softmax(dim=-1)[:, 1].cpu()
 
     def _itc(self, token_ids: list[list[int]]) -> torch.Tensor:
         """Projected, normalised text features: [CLS] first, the text alone."""
         tokens = self._pad(token_ids)
-        out = self.model.text_encoder(
-            input_ids=itc_ids(tokens.input_ids, self.tokenizer), attention_mask=tokens.attention_mask
-        ).last_hidden_state
+        out = text_hidden_states(self.model.text_encoder, itc_ids(tokens.input_ids, self.tokenizer), tokens.attention_mask)
         return F.normalize(self.model.text_proj(out[:, 0]).float(), dim=-1)

@@ -9,6 +9,7 @@ from capfilt.config import CaptionSampling
 from capfilt.inference.captioner import (
     NOISE_SCHEME,
     Captioner,
+    NucleusSampler,
     build_logits_filter,
     row_seed,
     sample_inverse_cdf,
@@ -67,7 +68,7 @@ def test_one_vision_pass_and_cross_attention_computed_once(caption_model, tokeni
     calls = {"vision": [], "cross_key": [], "self_key": []}
     layer = caption_model.text_decoder.bert.encoder.layer[0]
     modules = {
-        "vision": caption_model.vision_model,
+        "vision": caption_model.vision_model.embeddings,
         "cross_key": layer.crossattention.self.key,
         "self_key": layer.attention.self.key,
     }
@@ -228,6 +229,39 @@ def test_inverse_cdf_sampling():
     scores = torch.tensor([[float("-inf"), 1.0, float("-inf"), float("-inf")]])
     for u in (0.0, 0.5, 0.9999999):
         assert sample_inverse_cdf(scores, torch.tensor([u])).item() == 1
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},  # the reference's: repetition penalty 1.1, min length, top-k 50, top-p 0.9
+        {"top_k": 5, "nucleus_top_p": 0.5, "temperature": 0.7},
+        {"top_k": 3, "nucleus_top_p": 1.0},
+        {"top_k": None},  # top-p over the whole vocabulary: the full path
+        {"top_k": 400},  # more candidates than tokens: the full path
+    ],
+    ids=["reference", "narrow", "top-k-only", "no-top-k", "k-above-vocab"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nucleus_sampler_picks_what_the_full_filter_picks(tokenizer, settings, dtype):
+    # The sampler's shortcut (top-p and inverse CDF over the top-k candidates only) must choose the same
+    # token as the whole-vocabulary filter for every row; bfloat16 logits tie often at the k-th place.
+    sampling = CaptionSampling(num_captions=1, min_length=6, **settings)
+    sep = special_ids(tokenizer)["sep"]
+    generator = torch.Generator().manual_seed(0)
+    rows, vocab = 2000, 300
+    logits = (torch.randn(rows, vocab, generator=generator) * 3).to(dtype)
+    input_ids = torch.randint(0, vocab, (rows, 5), generator=generator)  # repeated tokens get penalised
+    uniforms = torch.rand(rows, generator=generator, dtype=torch.float64)
+
+    expected = sample_inverse_cdf(build_logits_filter(sampling, sep)(input_ids, logits.float()), uniforms)
+    got = NucleusSampler(sampling, sep)(input_ids, logits, uniforms)
+    assert torch.equal(got, expected)
+    assert len(set(got.tolist())) > 20  # a real spread of choices, not one token everywhere
+    assert sep not in got.tolist()  # min_length (6) is above the 5 tokens so far
+    if dtype == torch.bfloat16 and sampling.top_k == 50:  # the tie fallback was exercised
+        kth = logits.float().topk(50).values[:, -1:]
+        assert ((logits.float() >= kth).sum(-1) > 50).any()
 
 
 def test_beam_returns_k_best_deterministically(caption_model, tokenizer, images):

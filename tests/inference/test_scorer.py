@@ -20,9 +20,7 @@ TEXTS = [
 def vision_calls(model):
     """Yields the list of batch sizes the vision model is called with inside the block."""
     calls = []
-    hook = model.vision_model.register_forward_hook(
-        lambda module, args, output: calls.append(len(output.last_hidden_state))
-    )
+    hook = model.vision_model.embeddings.register_forward_hook(lambda module, args, output: calls.append(len(output)))
     try:
         yield calls
     finally:
@@ -45,15 +43,24 @@ def test_one_vision_pass_for_all_texts(retrieval_model, tokenizer, images):
 def test_without_itc_similarity_match_probabilities_are_unchanged_and_the_text_pass_is_skipped(
     retrieval_model, tokenizer, images
 ):
-    with_itc = Scorer(retrieval_model, tokenizer).score(images[:3], TEXTS)
-    calls = []
-    hook = retrieval_model.text_encoder.register_forward_hook(lambda module, args, kwargs, output: calls.append(
-        kwargs.get("encoder_hidden_states") is not None), with_kwargs=True)
-    try:
-        itm_only = Scorer(retrieval_model, tokenizer, itc_similarity=False).score(images[:3], TEXTS)
-    finally:
-        hook.remove()
-    assert calls and all(calls)  # every text-encoder pass cross-attends: ITM only
+    def text_passes(itc_similarity: bool):
+        """The scores, and (text-encoder passes, passes that cross-attend to the image)."""
+        counts = {"text": 0, "cross": 0}
+        encoder = retrieval_model.text_encoder
+        hooks = [module.register_forward_hook(lambda *_, name=name: counts.update({name: counts[name] + 1}))
+                 for name, module in (("text", encoder.embeddings.word_embeddings),
+                                      ("cross", encoder.encoder.layer[0].crossattention.self.query))]
+        try:
+            scores = Scorer(retrieval_model, tokenizer, itc_similarity=itc_similarity).score(images[:3], TEXTS)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return scores, (counts["text"], counts["cross"])
+
+    with_itc, (text, cross) = text_passes(True)
+    assert text > cross > 0  # ITM passes cross-attend, ITC passes read the text alone
+    itm_only, (text, cross) = text_passes(False)
+    assert text == cross > 0  # every text-encoder pass cross-attends: ITM only
     assert [[s.itm_prob for s in row] for row in itm_only] == [[s.itm_prob for s in row] for row in with_itc]
     assert all(s.itc_sim is None for row in itm_only for s in row)
     assert all(s.itc_sim is not None for row in with_itc for s in row)
