@@ -84,7 +84,7 @@ class CaptionDecoder:
     The first call takes the prompt ``[length]`` (shared by every caption) and returns logits for each
     caption row ``[images * captions_per_image, vocab]``, image-major; every later call takes the
     token each row just received, ``[rows]``. At most ``max_length`` tokens in all (prompt included).
-    ``decoder`` is a ``BlipTextLMHeadModel``.
+    ``decoder`` is a ``BlipTextLMHeadModel``. :meth:`keep_images` drops finished images between steps.
     """
 
     def __init__(self, decoder, image_embeds: torch.Tensor, captions_per_image: int, max_length: int):
@@ -114,6 +114,22 @@ class CaptionDecoder:
         if self.length >= self.max_length:
             raise ValueError(f"all {self.max_length} positions are used")
         return self.decoder.cls(self._layers(input_ids[:, None])[:, -1])
+
+    def keep_images(self, keep: torch.Tensor) -> None:
+        """Go on with only the images where ``keep`` (``[images]`` bool) is true, and their caption rows.
+
+        Once every caption of an image has ended its rows only pad; dropping them saves their share
+        of every later step. Rows stay grouped by image, so the cross-attention stays grouped.
+        """
+        if keep.shape != (self.images,):
+            raise ValueError(f"expected one flag per image, shape ({self.images},), got {tuple(keep.shape)}")
+        images = keep.nonzero().squeeze(1)
+        rows = (images[:, None] * self.captions_per_image + torch.arange(self.captions_per_image, device=keep.device))
+        rows = rows.flatten()
+        self.cross_keys_values = [(k.index_select(0, images), v.index_select(0, images)) for k, v in self.cross_keys_values]
+        self.self_keys = [buffer.index_select(0, rows) for buffer in self.self_keys]
+        self.self_values = [buffer.index_select(0, rows) for buffer in self.self_values]
+        self.images, self.rows = len(images), len(rows)
 
     def _layers(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden = _text_layers(self.text, input_ids, self.length, self._self_attention, self.cross_keys_values)

@@ -245,15 +245,23 @@ class Captioner:
         input_ids = self.prompt_ids.expand(num_rows, -1)
         finished = torch.zeros(num_rows, dtype=torch.bool, device=self.device)
         decoder = CaptionDecoder(self.model.text_decoder, image_embeds, k, self.sampling.max_length)
+        live = torch.arange(num_rows, device=self.device)  # the rows the decoder still runs, image-major
         step_ids = self.prompt_ids
         for step in range(num_steps):
-            next_ids = self.sampler(input_ids, decoder(step_ids), uniforms[:, step])
+            next_ids = torch.full((num_rows,), pad, dtype=torch.long, device=self.device)
+            next_ids[live] = self.sampler(input_ids[live], decoder(step_ids), uniforms[live, step])
             next_ids = next_ids.masked_fill(finished, pad)
             input_ids = torch.cat([input_ids, next_ids[:, None]], dim=1)
             finished |= next_ids == sep
             if bool(finished.all()):
                 break
-            step_ids = next_ids
+            # Captions end at different lengths: once a quarter of the images still in the decoder have
+            # all their captions ended, drop them, rather than run them to the longest caption.
+            image_done = finished[live].view(-1, k).all(dim=1)
+            if 4 * int(image_done.sum()) >= len(image_done):
+                decoder.keep_images(~image_done)
+                live = live.view(-1, k)[~image_done].flatten()
+            step_ids = next_ids[live]
         return input_ids
 
     def _beam(self, image_embeds: torch.Tensor) -> torch.Tensor:

@@ -95,3 +95,23 @@ def test_text_rows_must_divide_among_images(retrieval_model, tokenizer, images):
         keys_values = cross_attention_keys_values(retrieval_model.text_encoder, image_embeds)
         with pytest.raises(ValueError, match="3 text rows do not divide evenly among 2 images"):
             text_hidden_states(retrieval_model.text_encoder, tokens.input_ids, tokens.attention_mask, keys_values)
+
+
+def test_dropping_finished_images_leaves_the_other_rows_unchanged(caption_model, tokenizer, images):
+    captions_per_image, max_length = 2, 8
+    prompt = torch.tensor(tokenizer("a picture of").input_ids[:-1])
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(5, len(tokenizer), (3 * captions_per_image, max_length - len(prompt)), generator=generator)
+    with torch.inference_mode():
+        image_embeds = caption_model.vision_model(pixel_values=images[:3]).last_hidden_state
+        whole = CaptionDecoder(caption_model.text_decoder, image_embeds, captions_per_image, max_length)
+        dropping = CaptionDecoder(caption_model.text_decoder, image_embeds, captions_per_image, max_length)
+        whole(prompt), dropping(prompt)
+        whole(tokens[:, 0]), dropping(tokens[:, 0])
+        dropping.keep_images(torch.tensor([True, False, True]))  # image 1 (rows 2, 3) is done
+        kept_rows = torch.tensor([0, 1, 4, 5])
+        for step in range(1, tokens.shape[1]):
+            expected = whole(tokens[:, step])[kept_rows]
+            torch.testing.assert_close(dropping(tokens[kept_rows, step]), expected, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match=r"one flag per image, shape \(2,\), got \(3,\)"):
+            dropping.keep_images(torch.tensor([True, True, True]))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from capfilt.config import CaptionSampling
+from capfilt.inference.blip_forward import CaptionDecoder
 from capfilt.inference.captioner import (
     NOISE_SCHEME,
     Captioner,
@@ -331,3 +332,25 @@ def test_bad_input_is_named(caption_model, tokenizer, images):
     with pytest.raises(ValueError, match="leaves no room"):
         Captioner(caption_model, tokenizer, CaptionSampling(max_length=4, min_length=2))
     assert captioner.generate(images[:0], []) == []
+
+
+def test_images_whose_captions_ended_leave_the_batch_without_changing_any_caption(
+    caption_model, tokenizer, images, monkeypatch
+):
+    # A [SEP] bias makes captions end at different lengths, so images finish at different steps.
+    model = with_sep_bias(caption_model, tokenizer, 4.0)
+    sampling = nucleus(num_captions=2, max_length=24, min_length=5)
+    kept = []
+    original = CaptionDecoder.keep_images
+    monkeypatch.setattr(CaptionDecoder, "keep_images", lambda self, keep: kept.append(int(keep.sum())) or original(self, keep))
+    captioner = Captioner(model, tokenizer, sampling)
+    together = captioner.generate_ids(images, KEYS)
+    assert kept, "no image left the batch early"
+    lengths = [row.index(captioner.ids["sep"]) if captioner.ids["sep"] in row else len(row) for row in together.tolist()]
+    assert len(set(lengths)) > 2
+    # Each image alone: nothing to drop but its own rows; the tokens are the same.
+    alone = [captioner.generate_ids(images[i : i + 1], KEYS[i : i + 1]) for i in range(len(KEYS))]
+    width = together.shape[1]
+    pad = captioner.ids["pad"]
+    padded = [torch.nn.functional.pad(rows, (0, width - rows.shape[1]), value=pad) for rows in alone]
+    assert torch.equal(torch.cat(padded), together)
