@@ -158,7 +158,11 @@ class CaptionDecoder:
 def _text_layers(text_model, input_ids, start: int, self_attention: SelfAttention, cross_keys_values) -> torch.Tensor:
     """A ``BlipTextModel``'s embeddings and layers (post-norm BERT, cross-attention after self-attention)."""
     embeddings = text_model.embeddings
-    positions = embeddings.position_embeddings.weight[start : start + input_ids.shape[1]]
+    end, limit = start + input_ids.shape[1], embeddings.position_embeddings.num_embeddings
+    if end > limit:
+        raise ValueError(f"{end} text positions, but the model has position embeddings for {limit}: "
+                         f"lower max_length / max_text_length to at most {limit}")
+    positions = embeddings.position_embeddings.weight[start:end]
     hidden = embeddings.LayerNorm(embeddings.word_embeddings(input_ids) + positions)
     for index, layer in enumerate(text_model.encoder.layer):
         hidden = layer.attention.output(self_attention(index, layer.attention.self, hidden), hidden)

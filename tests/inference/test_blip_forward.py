@@ -115,3 +115,14 @@ def test_dropping_finished_images_leaves_the_other_rows_unchanged(caption_model,
             torch.testing.assert_close(dropping(tokens[kept_rows, step]), expected, atol=1e-5, rtol=1e-5)
         with pytest.raises(ValueError, match=r"one flag per image, shape \(2,\), got \(3,\)"):
             dropping.keep_images(torch.tensor([True, True, True]))
+
+
+def test_more_positions_than_the_model_has_are_named(caption_model, retrieval_model, images):
+    limit = caption_model.text_decoder.bert.embeddings.position_embeddings.num_embeddings
+    with torch.inference_mode():
+        image_embeds = caption_model.vision_model(pixel_values=images[:1]).last_hidden_state
+        decoder = CaptionDecoder(caption_model.text_decoder, image_embeds, 1, max_length=limit + 5)
+        with pytest.raises(ValueError, match=f"{limit + 1} text positions, but the model has position embeddings for {limit}"):
+            decoder(torch.ones(limit + 1, dtype=torch.long))
+        with pytest.raises(ValueError, match=f"position embeddings for {limit}"):
+            text_hidden_states(retrieval_model.text_encoder, torch.ones(1, limit + 1, dtype=torch.long))
