@@ -108,16 +108,17 @@ class NucleusSampler:
     """
 
     def __init__(self, sampling: CaptionSampling, eos_token_id: int, device: str | torch.device = "cpu"):
-        self.full_filter = build_logits_filter(sampling, eos_token_id, device)
-        self.penalties = LogitsProcessorList(
-            f for f in self.full_filter if not isinstance(f, (TopKLogitsWarper, TopPLogitsWarper))
-        )
+        # The full path is adjust then truncate: build_logits_filter's own stages, in its order.
+        filters = build_logits_filter(sampling, eos_token_id, device)
+        truncating = (TopKLogitsWarper, TopPLogitsWarper)
+        self.adjust = LogitsProcessorList(f for f in filters if not isinstance(f, truncating))
+        self.truncate = LogitsProcessorList(f for f in filters if isinstance(f, truncating))
         self.top_k, self.top_p = sampling.top_k, sampling.nucleus_top_p
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-        if self.top_k is None or self.top_k >= logits.shape[-1]:
-            return sample_inverse_cdf(self.full_filter(input_ids, logits.float()), uniforms)
-        scores = self.penalties(input_ids, logits.float())
+        scores = self.adjust(input_ids, logits.float())
+        if self.top_k is None or self.top_k >= scores.shape[-1]:
+            return sample_inverse_cdf(self.truncate(input_ids, scores), uniforms)
         values, candidates = _top_k(scores, self.top_k)
         tokens, undecided = self._sample_candidates(values, candidates, uniforms)
         # Top-k keeps every token tied with the k-th; torch.sort orders equal logits as it likes, so
@@ -125,8 +126,7 @@ class NucleusSampler:
         undecided |= (scores >= values[:, -1:]).sum(dim=-1) > self.top_k
         if bool(undecided.any()):
             rows = undecided.nonzero().squeeze(1)
-            full = self.full_filter(input_ids[rows], logits[rows].float())
-            tokens[rows] = sample_inverse_cdf(full, uniforms[rows])
+            tokens[rows] = sample_inverse_cdf(self.truncate(input_ids[rows], scores[rows]), uniforms[rows])
         return tokens
 
     def _sample_candidates(
