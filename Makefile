@@ -1,6 +1,6 @@
 # Two entry points, each creating the virtual environment when it is missing:
 #   make demo   - run the whole CapFilt loop on the generated world (pipelines/demo.yaml)
-#   make test   - run the test suite
+#   make test   - lint (ruff) and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 # torch and torchvision must be a matching pair (timm imports torchvision).
@@ -26,6 +26,7 @@ demo: $(STAMP)
 	$(VENV)/bin/capfilt run pipelines/demo.yaml
 
 test: $(STAMP) test-tools
+	$(VENV)/bin/ruff check capfilt tests bench
 	$(PY) -m pytest -q
 
 test-tools:

@@ -226,7 +226,7 @@ def main(argv=None) -> dict[str, Any]:
                 "mean_scored_text_tokens": round(mean_text_tokens, 1),
                 "model_load_s": round(load_s, 2),
             }
-            del worker, caption_inputs, filter_pixels, tables
+            worker = caption_inputs = filter_pixels = tables = None  # free this K's models and inputs before the next
             if device == "cuda":
                 torch.cuda.empty_cache()
 

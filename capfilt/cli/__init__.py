@@ -68,7 +68,8 @@ def run(pipeline: str, run_dir: str | None, address: str | None) -> None:
 
 @main.command()
 @click.argument("out_dir")
-@click.option("--pipeline", type=click.Path(exists=True, dir_okay=False), help="take the world from this pipeline's synth section")
+@click.option("--pipeline", type=click.Path(exists=True, dir_okay=False),
+              help="take the world from this pipeline's synth section")
 @click.option("--seed", type=int, default=None)
 @click.option("--num-web", type=int, default=None)
 def synth(out_dir: str, pipeline: str | None, seed: int | None, num_web: int | None) -> None:

@@ -32,8 +32,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as tvF
 
 from capfilt.config import CLIP_MEAN, CLIP_STD, ImageConfig

@@ -55,7 +55,8 @@ def format_table(metrics: dict[str, Any]) -> str:
     capfilt = metrics.get("capfilt")
     if capfilt:
         sources = ", ".join(f"{source} {count}" for source, count in (capfilt.get("kept_by_source") or {}).items())
-        count = {key: "n/a" if capfilt.get(key) is None else capfilt[key] for key in ("input_rows", "kept", "filtered", "rejected")}
+        count = {key: "n/a" if capfilt.get(key) is None else capfilt[key]
+                 for key in ("input_rows", "kept", "filtered", "rejected")}
         lines.append(
             f"capfilt: {count['input_rows']} input rows: {count['kept']} kept, {count['filtered']} filtered, "
             f"{count['rejected']} rejected; kept texts by source: {sources or 'none'}"

@@ -20,11 +20,11 @@ import torch
 from torch import nn
 from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipImageProcessor
 
+# The reference (CLIP) normalisation; test-time resize is a bicubic square resize, no crop.
+from capfilt.config import CLIP_MEAN as IMAGE_MEAN  # noqa: E402 -- one source of the constants
+from capfilt.config import CLIP_STD as IMAGE_STD
 from capfilt.data.text import load_tokenizer
 from capfilt.models.tokens import special_ids
-
-# The reference (CLIP) normalisation; test-time resize is a bicubic square resize, no crop.
-from capfilt.config import CLIP_MEAN as IMAGE_MEAN, CLIP_STD as IMAGE_STD  # noqa: E402 -- one source of the constants
 
 
 def blip_config(med) -> BlipConfig:

@@ -15,7 +15,14 @@ import pyarrow.compute as pc
 
 from capfilt.reporting.reader import FILE, ROW, OutputReader
 from capfilt.reporting.texts import (
-    PAIRS, REJECTS, TABLE, Scores, TextFilter, load_texts, scores_by_source, value_counts,
+    PAIRS,
+    REJECTS,
+    TABLE,
+    Scores,
+    TextFilter,
+    load_texts,
+    scores_by_source,
+    value_counts,
 )
 
 PAIR_SAMPLE_COLUMNS = ["key", "source", "text", "itm_prob", "itc_sim", "captioner_id", "round", "shard", "row"]
@@ -91,7 +98,8 @@ def _short(text: Any, width: int = 70) -> str:
 def _counts(title: str, counts: dict[str, int], total: int) -> list[str]:
     lines = [f"{title} ({total:,})"]
     width = max((len(name) for name in counts), default=0)
-    lines += [f"  {name:<{width}}  {count:>10,}  {count / total:6.1%}" for name, count in counts.items()] if total else ["  (none)"]
+    lines += ([f"  {name:<{width}}  {count:>10,}  {count / total:6.1%}" for name, count in counts.items()]
+              if total else ["  (none)"])
     return lines
 
 

@@ -28,7 +28,16 @@ from capfilt.config import ReportConfig
 from capfilt.reporting.charts import COLORS, histogram_svg, kept_fraction_svg
 from capfilt.reporting.reader import FILE, ROW, OutputReader
 from capfilt.reporting.texts import (
-    KEPT, PAIRS, REJECTS, SCORED_SOURCES, TABLE, Scores, codes, load_texts, scores_by_source, value_counts,
+    KEPT,
+    PAIRS,
+    REJECTS,
+    SCORED_SOURCES,
+    TABLE,
+    Scores,
+    codes,
+    load_texts,
+    scores_by_source,
+    value_counts,
 )
 from capfilt.reporting.thumbnails import Thumbnail, fetch_thumbnails
 
@@ -69,7 +78,8 @@ def build_report(path: str, html_path: str, config: ReportConfig = ReportConfig(
     sampler = Sampler(texts, config)
     gallery = sampler.gallery()
     reject_examples = sampler.reject_examples()
-    chosen = sorted({i for bucket in gallery.values() for i in bucket["texts"]} | {i for rows in reject_examples.values() for i in rows})
+    chosen = sorted({i for bucket in gallery.values() for i in bucket["texts"]}
+                    | {i for rows in reject_examples.values() for i in rows})
     details = _read_texts(reader, texts, np.asarray(chosen, dtype=np.int64))
     images = _images(texts, details, gallery)
     refs = {(img.shard, img.row) for bucket in images.values() for img in bucket}
@@ -167,7 +177,8 @@ def _read_texts(reader: OutputReader, texts: pa.Table, indices: np.ndarray) -> d
         where = texts.select([FILE, ROW, "shard", "row"]).take(pa.array(picked))
         rows = reader.take(table, where[FILE].to_numpy(), where[ROW].to_numpy(), columns).to_pylist()
         for i, row, shard, source_row in zip(picked, rows, where["shard"].to_pylist(), where["row"].to_pylist()):
-            out[int(i)] = TextDetail(row.get("text"), row.get("key"), row.get("detail"), row.get("captioner_id"), shard, source_row)
+            out[int(i)] = TextDetail(row.get("text"), row.get("key"), row.get("detail"), row.get("captioner_id"),
+                                     shard, source_row)
     return out
 
 
@@ -247,7 +258,8 @@ svg .threshold { stroke: var(--dropped); stroke-dasharray: 4 3; stroke-width: 1.
 .cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(320px, 1fr)); gap: 10px; }
 .card { display: flex; gap: 10px; border: 1px solid #e4e7ec; border-radius: 6px; padding: 8px; margin: 0; background: #fcfcfd; }
 .thumb { width: %(size)dpx; height: %(size)dpx; flex: none; object-fit: contain; background: #eaecf0; border-radius: 4px; }
-div.thumb { display: flex; align-items: center; justify-content: center; text-align: center; font-size: 11px; color: var(--muted); padding: 4px; overflow: hidden; }
+div.thumb { display: flex; align-items: center; justify-content: center; text-align: center; font-size: 11px;
+            color: var(--muted); padding: 4px; overflow: hidden; }
 .card figcaption { min-width: 0; flex: 1; }
 .meta { font-family: ui-monospace, monospace; font-size: 11px; color: var(--muted); word-break: break-all; }
 ul.texts { list-style: none; padding: 0; margin: 4px 0 0; }
@@ -330,7 +342,8 @@ class Page:
             ("round", settings.get("round")),
         ]
         rows_table = [(name, totals.get(name)) for name in
-                      ("rows_in", "kept", "filtered", "rejected", "images_decoded", "texts_scored", "texts_kept", "texts_dropped")]
+                      ("rows_in", "kept", "filtered", "rejected", "images_decoded", "texts_scored", "texts_kept",
+                       "texts_dropped")]
         pairs = texts.filter(pc.equal(texts[TABLE], PAIRS))
         rejects = texts.filter(pc.equal(texts[TABLE], REJECTS))
         html = ['<section id="summary"><h2>Summary</h2>']
@@ -365,7 +378,8 @@ class Page:
         labels = next(iter(self.scores.summary().values()))["quantiles"].keys()
         table_rows = self.scores.kept_fractions()
         kept_rows = "".join(
-            f'<tr><td>{name}</td>' + "".join(f'<td class="num">{"–" if r[name] is None else f"{r[name]:.0%}"}</td>' for r in table_rows)
+            f'<tr><td>{name}</td>'
+            + "".join(f'<td class="num">{"–" if r[name] is None else f"{r[name]:.0%}"}</td>' for r in table_rows)
             + "</tr>" for name in (*by_source, "all"))
         return (
             '<section id="scores"><h2>ITM match probability</h2>'
@@ -448,13 +462,15 @@ class Page:
         statuses = sorted(self.statuses, key=lambda s: not s.problems)
         listed = [s for i, s in enumerate(statuses) if s.problems or i < self.config.max_shards_listed]
         html = [f'<section id="shards"><h2>Shards</h2><p>{len(self.statuses):,} input shards, '
-                f"{sum(s.committed for s in self.statuses):,} committed, {sum(bool(s.problems) for s in self.statuses):,} with problems.</p>"
+                f"{sum(s.committed for s in self.statuses):,} committed, "
+                f"{sum(bool(s.problems) for s in self.statuses):,} with problems.</p>"
                 '<table><tr><th>shard</th><th>role</th><th class="num">rows in</th><th class="num">kept</th>'
                 '<th class="num">filtered</th><th class="num">rejected</th><th>reconciles</th><th>problems</th></tr>']
         for s in listed:
             c = s.as_dict()
             html.append(f'<tr><td class="meta">{escape(s.shard)}</td><td>{_text(s.role)}</td>'
-                        + "".join(f'<td class="num">{"–" if c[n] is None else f"{c[n]:,}"}</td>' for n in ("rows_in", "kept", "filtered", "rejected"))
+                        + "".join(f'<td class="num">{"–" if c[n] is None else f"{c[n]:,}"}</td>'
+                                  for n in ("rows_in", "kept", "filtered", "rejected"))
                         + f'<td>{"–" if s.reconciles is None else ("yes" if s.reconciles else "<strong>NO</strong>")}</td>'
                         f'<td>{"; ".join(_text(p, MAX_DETAIL_CHARS) for p in s.problems)}</td></tr>')
         html.append("</table>")

@@ -133,10 +133,9 @@ def resize_uint8(image, image_size: int, out: np.ndarray | None = None) -> np.nd
 
     ``out``: write into this array (e.g. a row of a batch buffer) instead of a new one.
     """
+    import torch
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as tvF
-
-    import torch
 
     pixels = tvF.pil_to_tensor(image)
     pixels = tvF.resize(pixels, [image_size, image_size], interpolation=InterpolationMode.BICUBIC, antialias=True)
@@ -251,7 +250,8 @@ def _marker(task: ShardTask, rows: int, reason: str | None = None, detail: str |
 def sampling_label(sampling: CaptionSampling) -> str:
     """A compact, complete description of how synthetic captions were drawn, stored on every row."""
     if sampling.method == "beam":
-        return f"beam:beams={sampling.num_beams},len={sampling.min_length}-{sampling.max_length},rep={sampling.repetition_penalty}"
+        return (f"beam:beams={sampling.num_beams},len={sampling.min_length}-{sampling.max_length},"
+                f"rep={sampling.repetition_penalty}")
     return (
         f"nucleus:top_p={sampling.nucleus_top_p},top_k={sampling.top_k},temperature={sampling.temperature},"
         f"rep={sampling.repetition_penalty},len={sampling.min_length}-{sampling.max_length},"
@@ -484,7 +484,6 @@ def explode(results: pa.Table, filter_id: str, sampling: str, round_: int) -> tu
     order = pc.sort_indices(results, sort_keys=[("shard", "ascending"), ("row", "ascending")])
     table = results.take(order)
     column = {name: table.column(name).combine_chunks() for name in table.column_names}
-    n = table.num_rows
 
     lengths = pc.fill_null(pc.list_value_length(column["texts"]), 0)
     for name in _TEXT_LISTS[1:]:

@@ -22,8 +22,8 @@ import torch
 from capfilt.config import EvaluateConfig, ReaderConfig
 from capfilt.evaluation.captioning import caption_metrics
 from capfilt.evaluation.filtering import (
-    captioner_metrics,
     capfilt_counts,
+    captioner_metrics,
     filter_metrics,
     read_capfilt_output,
     read_ground_truth,

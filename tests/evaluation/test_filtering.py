@@ -12,8 +12,8 @@ from capfilt.evaluation.filtering import (
     CapFiltOutput,
     Truth,
     average_ranks,
-    captioner_metrics,
     capfilt_counts,
+    captioner_metrics,
     filter_metrics,
     read_capfilt_output,
     roc_auc,
@@ -75,7 +75,8 @@ def _output():
         {"text": None, "source": "web", "reason": "status: failed_to_download", "score": None, "shard": SHARD, "row": 6},
         {"text": "w7", "source": "web", "reason": "duplicate_text", "score": None, "shard": SHARD, "row": 7},
         # synthetic texts dropped: one false caption, one repeat of the kept one
-        {"text": "click to enlarge", "source": "synthetic", "reason": "itm_below_threshold", "score": 0.2, "shard": SHARD, "row": 0},
+        {"text": "click to enlarge", "source": "synthetic", "reason": "itm_below_threshold", "score": 0.2,
+         "shard": SHARD, "row": 0},
         {"text": true_text, "source": "synthetic", "reason": "duplicate_text", "score": None, "shard": SHARD, "row": 0},
         {"text": "a picture", "source": "synthetic", "reason": "itm_below_threshold", "score": 0.3, "shard": SHARD, "row": 1},
     ]

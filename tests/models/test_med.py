@@ -81,7 +81,8 @@ def test_base_preset_has_reference_sizes():
     from transformers import BertConfig, BertModel
 
     with torch.device("meta"):
-        med = MED(MedConfig(preset="base"), vocab_size=30524, special={"cls": 101, "enc": 30523, "dec": 30522, "sep": 102, "pad": 0})
+        med = MED(MedConfig(preset="base"), vocab_size=30524,
+                  special={"cls": 101, "enc": 30523, "dec": 30522, "sep": 102, "pad": 0})
         vit = timm.create_model("vit_base_patch16_384", pretrained=False, num_classes=0)
         bert = BertModel(BertConfig(vocab_size=30524, max_position_embeddings=512), add_pooling_layer=False)
 
@@ -139,9 +140,11 @@ LM_HEAD = "text_decoder.cls.predictions.transform"
 @pytest.mark.parametrize(
     ("objective", "trained", "untouched"),
     [
-        ("itc", ["visual_encoder", ENCODER_SELF_ATTENTION, "vision_proj", "text_proj", "temp"], ["crossattention", "itm_head", LM_HEAD]),
+        ("itc", ["visual_encoder", ENCODER_SELF_ATTENTION, "vision_proj", "text_proj", "temp"],
+         ["crossattention", "itm_head", LM_HEAD]),
         ("itm", ["visual_encoder", ENCODER_SELF_ATTENTION, "crossattention", "itm_head"], [DECODER_SELF_ATTENTION, LM_HEAD]),
-        ("lm", ["visual_encoder", DECODER_SELF_ATTENTION, "crossattention", LM_HEAD], [ENCODER_SELF_ATTENTION, "itm_head", "vision_proj"]),
+        ("lm", ["visual_encoder", DECODER_SELF_ATTENTION, "crossattention", LM_HEAD],
+         [ENCODER_SELF_ATTENTION, "itm_head", "vision_proj"]),
     ],
 )
 def test_each_objective_trains_its_modules(make_med, batch, objective, trained, untouched):

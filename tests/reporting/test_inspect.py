@@ -82,7 +82,8 @@ def test_json_has_the_documented_fields_and_right_statistics(capfilt_output):
     assert len(info["samples"]["pairs"]) == 3 and len(info["samples"]["rejects"]) == 3
     assert {"key", "text", "source", "itm_prob", "shard", "row"} <= set(info["samples"]["pairs"][0])
     assert {"key", "reason", "detail", "score", "stage"} <= set(info["samples"]["rejects"][0])
-    assert {"shard", "rows_in", "kept", "filtered", "rejected", "reconciles", "committed", "problems"} <= set(info["shards"]["list"][0])
+    assert ({"shard", "rows_in", "kept", "filtered", "rejected", "reconciles", "committed", "problems"}
+            <= set(info["shards"]["list"][0]))
 
 
 def test_filters_select_what_they_say(capfilt_output, monkeypatch):

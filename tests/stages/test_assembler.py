@@ -10,8 +10,18 @@ import pytest
 
 from capfilt.data.output import CommittedOutput
 from capfilt.stages.capfilt import (
-    HUMAN, KEPT, MARKER_ROW, PAIRS_SCHEMA, REJECTED, REJECTS_SCHEMA, RESULT_SCHEMA, SYNTHETIC, WEB, FILTERED,
-    ShardAssembler, explode,
+    FILTERED,
+    HUMAN,
+    KEPT,
+    MARKER_ROW,
+    PAIRS_SCHEMA,
+    REJECTED,
+    REJECTS_SCHEMA,
+    RESULT_SCHEMA,
+    SYNTHETIC,
+    WEB,
+    ShardAssembler,
+    explode,
 )
 
 LABELS = ("filter@abc", "nucleus:k=2", 3)

@@ -38,8 +38,10 @@ def _config(world, models, **overrides):
 def _rows(output):
     pairs = pq.read_table(f"{output}/pairs").to_pylist()
     rejects = pq.read_table(f"{output}/rejects").to_pylist()
-    pair_view = sorted((r["shard"].rsplit("/", 2)[-2:].__str__(), r["row"], r["source"], r["text"], round(r["itm_prob"] or 0, 5)) for r in pairs)
-    reject_view = sorted((r["shard"].rsplit("/", 2)[-2:].__str__(), r["row"], r["source"] or "", r["text"] or "", r["reason"]) for r in rejects)
+    pair_view = sorted((r["shard"].rsplit("/", 2)[-2:].__str__(), r["row"], r["source"], r["text"], round(r["itm_prob"] or 0, 5))
+                       for r in pairs)
+    reject_view = sorted((r["shard"].rsplit("/", 2)[-2:].__str__(), r["row"], r["source"] or "", r["text"] or "", r["reason"])
+                         for r in rejects)
     return pair_view, reject_view
 
 
@@ -229,7 +231,8 @@ def test_s3_input_and_output_on_a_real_s3_protocol_server(baseline, small_world,
     listing = s3_server.client.list_objects_v2(Bucket=s3_server.bucket, Prefix="out/")["Contents"]
     names = {item["Key"] for item in listing}
     assert "out/_SUCCESS" in names and "out/manifest.json" in names
-    assert manifest["totals"]["rows_in"] == sum(pq.read_metadata(p).num_rows for s in ("web", "human") for p in small_world.shards[s])
+    assert manifest["totals"]["rows_in"] == sum(pq.read_metadata(p).num_rows
+                                                for s in ("web", "human") for p in small_world.shards[s])
     import s3fs
 
     fs = s3fs.S3FileSystem(**options)

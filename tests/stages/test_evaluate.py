@@ -72,7 +72,8 @@ def capfilt_output(world, tmp_path_factory):
     out = CommittedOutput(str(tmp_path_factory.mktemp("capfilt") / "out"))
     out.write_table("pairs/part-00000-000.parquet", pa.Table.from_pylist(pairs, schema=PAIRS_SCHEMA))
     out.write_table("rejects/part-00000-000.parquet", pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA))
-    out.commit(Commit(0, {s: {} for s in world.shards["web"]}, ["pairs/part-00000-000.parquet", "rejects/part-00000-000.parquet"]))
+    out.commit(Commit(0, {s: {} for s in world.shards["web"]},
+                      ["pairs/part-00000-000.parquet", "rejects/part-00000-000.parquet"]))
     out.finish({"totals": counts, "roles": {s: "web" for s in world.shards["web"]}})
     return out.url, sum(1 for p in pairs if p["source"] == "web"), sum(1 for r in rejects if r.get("score"))
 

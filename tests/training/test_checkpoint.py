@@ -11,7 +11,6 @@ from safetensors import safe_open
 from capfilt.config import TrainConfig
 from capfilt.training import checkpoint as ckpt
 from capfilt.training.optim import make_optimizer
-
 from tests.training.conftest import small_med_config
 
 

@@ -12,7 +12,6 @@ import torch
 from capfilt.config import TrainConfig
 from capfilt.training.loop import _rewind_log, format_record, model_inputs, prompt_length_of, read_log, train_step
 from capfilt.training.optim import make_optimizer
-
 from tests.training.conftest import small_med_config
 
 # Same token count per text, so the LM loss (a mean over tokens) splits evenly into micro-batches.

@@ -7,7 +7,6 @@ import torch
 
 from capfilt.config import TrainConfig
 from capfilt.training.optim import lr_at, make_optimizer, param_groups
-
 from tests.training.conftest import small_med_config
 
 
