@@ -423,7 +423,7 @@ def save_med(med: MED, out_dir: str | Path, tokenizer=None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_model(med, str(out_dir / WEIGHTS_FILE))
     meta = {
-        "config": med.config.model_dump(mode="json"),
+        "config": med.config.model_dump(mode="json", exclude={"init"}),  # where it started is history, not architecture
         "vocab_size": med.vocab_size,
         "special": med.special,
     }

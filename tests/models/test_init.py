@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import argparse
+import json
+
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from transformers import BertConfig, BertForMaskedLM, BertModel
 
-from capfilt.models.init import init_text_from_bert, init_vision_from_timm, interpolate_pos_embed
+from capfilt.config import InitConfig
+from capfilt.models.init import apply_init, init_text_from_bert, init_vision_from_timm, interpolate_pos_embed
 from tests.models.conftest import IMAGE_SIZE
 
 TINY = dict(patch_size=8, embed_dim=128, depth=3, num_heads=4, mlp_ratio=4.0, qkv_bias=True, num_classes=10)
@@ -45,7 +49,8 @@ def test_interpolate_pos_embed():
 def test_timm_vit_matches_blip_vision_model(make_med):
     med, vit = make_med(), timm_vit()
     report = init_vision_from_timm(med, vit)
-    assert "encoder.layers.2.self_attn.qkv.weight" in report.loaded and report.ignored == ["head.weight", "head.bias"]
+    assert "visual_encoder.encoder.layers.2.self_attn.qkv.weight" in report.loaded
+    assert report.ignored == ["head.weight", "head.bias"]
     pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
     with torch.no_grad():
         expected = vit.forward_features(pixels)
@@ -67,6 +72,37 @@ def test_timm_vit_from_safetensors_file_and_other_resolution(make_med, tmp_path)
     assert torch.equal(med.visual_encoder.encoder.layers[1].mlp.fc2.weight, vit.blocks[1].mlp.fc2.weight)
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         init_vision_from_timm(med, tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("suffix", "wrap"),
+    [
+        (".pth", lambda state: state),
+        # timm's training checkpoints: the EMA weights are not the model trained, DDP prefixes "module."
+        (".pt", lambda state: {"state_dict": {f"module.{k}": v for k, v in state.items()},
+                               "state_dict_ema": {k: torch.zeros_like(v) for k, v in state.items()}, "epoch": 3}),
+        (".bin", lambda state: {"model": state, "epoch": 3}),  # DeiT's
+    ],
+)
+def test_timm_vit_from_torch_checkpoint(make_med, tmp_path, suffix, wrap):
+    vit = timm_vit()
+    path = tmp_path / f"vit{suffix}"
+    torch.save(wrap(vit.state_dict()), path)
+    med = make_med()
+    report = init_vision_from_timm(med, path)
+    assert report.ignored == ["head.weight", "head.bias"]
+    pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        assert torch.allclose(med.image_embeds(pixels), vit.forward_features(pixels), atol=1e-5)
+
+
+def test_torch_checkpoint_with_more_than_tensors_is_not_unpickled(make_med, tmp_path):
+    path = tmp_path / "train.pth"
+    torch.save({"state_dict": timm_vit().state_dict(), "args": argparse.Namespace(lr=0.1)}, path)
+    with pytest.raises(ValueError, match="train.pth: holds more than tensors"):
+        init_vision_from_timm(make_med(), path)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        init_vision_from_timm(make_med(), tmp_path / "missing.pth")
 
 
 @pytest.mark.parametrize(
@@ -154,3 +190,56 @@ def test_incompatible_bert_is_refused(make_med, tokenizer):
         init_text_from_bert(make_med(), small_bert(len(tokenizer) + 10))
     with pytest.raises(ValueError, match="num_attention_heads"):
         init_text_from_bert(make_med(), small_bert(len(tokenizer) - 2, num_attention_heads=8))
+
+
+# -------------------------------------------------------------------------------------------------
+# model.init: timm + BERT
+# -------------------------------------------------------------------------------------------------
+
+
+def test_apply_init_vision_and_text(make_med, tokenizer, tmp_path):
+    vit_path = tmp_path / "vit.pth"
+    torch.save(timm_vit().state_dict(), vit_path)
+    bert_vocab = len(tokenizer) - 2
+    small_bert(bert_vocab).save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")  # its tokenizer: the token check runs and passes
+    init = InitConfig(vision=str(vit_path), text=str(tmp_path / "bert"))
+
+    med = make_med()
+    report = apply_init(med, init, tokenizer)
+
+    separately = make_med()
+    vision, text = init_vision_from_timm(separately, vit_path), init_text_from_bert(separately, tmp_path / "bert")
+    assert report.loaded == sorted(set(vision.loaded) | set(text.loaded))
+    for (name, ours), (_, theirs) in zip(med.named_parameters(), separately.named_parameters()):
+        if name in report.loaded:
+            assert torch.equal(ours, theirs), name
+    # Everything neither a ViT nor BERT has: cross-attention (named once, as the encoder's), the ITC/ITM
+    # heads, the temperature, and the [DEC]/[ENC] rows.
+    cross = [name for name, _ in med.text_encoder.named_parameters(prefix="text_encoder") if ".crossattention." in name]
+    rows = f"[{bert_vocab}:{len(tokenizer)}]"
+    expected = {"temp", "vision_proj.weight", "vision_proj.bias", "text_proj.weight", "text_proj.bias",
+                "itm_head.weight", "itm_head.bias", *cross,
+                f"text_encoder.embeddings.word_embeddings.weight{rows}", f"text_decoder.cls.predictions.bias{rows}"}
+    assert set(report.fresh) == expected and len(report.fresh) == len(expected)
+    assert {"timm:head.weight", "timm:head.bias", "bert:embeddings.token_type_embeddings.weight"} <= set(report.ignored)
+    assert all(key.startswith(("timm:", "bert:")) for key in report.ignored)
+
+    summary = json.loads(json.dumps(report.summary()))
+    assert summary == {"loaded": len(report.loaded), "ignored": len(report.ignored), "fresh": report.fresh}
+    line = report.as_log_line()
+    assert line.startswith(f"init: {len(report.loaded)} loaded, {len(expected)} fresh ({report.fresh[0]}, ")
+    assert line.endswith(f" and {len(expected) - 5} more), {len(report.ignored)} ignored")
+
+
+def test_apply_init_refuses_a_tokenizer_other_than_the_text_models(make_med, tokenizer, tmp_path):
+    from transformers import BertTokenizer
+
+    small_bert(len(tokenizer) - 2).save_pretrained(tmp_path / "bert")
+    vocab = list(tokenizer.get_vocab())  # any order but the tokenizer's
+    BertTokenizer(vocab={token: i for i, token in enumerate(sorted(vocab))}).save_pretrained(tmp_path / "bert")
+    med = make_med()
+    before = {name: p.clone() for name, p in med.named_parameters()}
+    with pytest.raises(ValueError, match="model.init.text: the run's tokenizer"):
+        apply_init(med, InitConfig(text=str(tmp_path / "bert")), tokenizer)
+    assert all(torch.equal(p, before[name]) for name, p in med.named_parameters())  # nothing loaded
