@@ -3,12 +3,15 @@
 The pipeline YAML names sections; the runner expands them into the paper's loop of stage runs::
 
     synth | ingest                       the data (generated world, or img2dataset from URLs)
+    pretrain_vision                      the ViT as a classifier on labelled images (the demo's ImageNet)
     tokenizer                            trained on the captions, or a hub id / directory
-    pretrain_noisy                       MED on raw web + human pairs (the baseline, and round 0's init)
+    pretrain_noisy                       MED on raw web + human pairs (the baseline, and round 0's init),
+                                         from model.init's weights or pretrain_vision's ViT
     round_R/finetune_captioner           LM on human pairs, from the round's MED
     round_R/finetune_filter              ITC+ITM on human pairs, from the round's MED
     round_R/capfilt                      caption + filter the web shards (human pairs pass through)
-    round_R/pretrain                     MED on the bootstrapped pairs: round R+1's MED
+    round_R/pretrain                     MED on the bootstrapped pairs: round R+1's MED, from the same
+                                         initialisation as pretrain_noisy (or the previous round's MED)
     evaluate                             noisy vs bootstrapped on the held-out split; metrics.json
 
 A stage run is a function ``(run, step) -> outputs`` writing under its own directory. Its completion
@@ -97,7 +100,21 @@ def _synth(run: Run, step: Step) -> dict[str, Any]:
     from capfilt.data.world import write_world
 
     paths = write_world(step.section, run.stage_dir(step.name))
-    return {split: str(getattr(paths, split)) for split in ("web", "human", "test")}
+    outputs = {split: str(getattr(paths, split)) for split in ("web", "human", "test")}
+    if step.section.num_labelled:
+        outputs["labelled"] = str(paths.labelled)
+    return outputs
+
+
+def _pretrain_vision(run: Run, step: Step) -> dict[str, Any]:
+    from capfilt.stages.pretrain_vision import run_pretrain_vision
+
+    reader = step.section.data
+    if reader is None and "labelled" in run.outputs.get("synth", {}):
+        reader = ReaderConfig(paths=f"{run.outputs['synth']['labelled']}/*.parquet")
+    if reader is None:
+        raise ValueError("pretrain_vision.data: not set, and no synth stage with num_labelled > 0 provides it")
+    return run_pretrain_vision(step.section, run.config.model.vision, reader, run.stage_dir(step.name), log=run.log)
 
 
 def _ingest(run: Run, step: Step) -> dict[str, Any]:
@@ -128,8 +145,25 @@ def _pretrain(run: Run, step: Step) -> dict[str, Any]:
         sources = [PairSource(kind="capfilt", path=run.output(step.inputs["capfilt"])["output"])]
     else:
         sources = _shard_sources(run, ("web", "human"))
-    return run_pretrain(step.section, run.config.model, run.output("tokenizer")["tokenizer"], sources,
-                        run.stage_dir(step.name), log=run.log)
+    model = run.config.model
+    if "vision" in step.inputs:
+        vision = run.output(step.inputs["vision"])["vit"]
+        model = model.model_copy(update={"init": model.init.model_copy(update={"vision": vision})})
+    init_from = run.output(step.inputs["continue"])["med"] if "continue" in step.inputs else None
+    return run_pretrain(step.section, model, run.output("tokenizer")["tokenizer"], sources,
+                        run.stage_dir(step.name), init_from=init_from, log=run.log)
+
+
+def _model_init(run: Run, step: Step) -> dict[str, Any]:
+    from pathlib import Path
+
+    from capfilt.training.stage import materialise_init
+
+    if "://" in run.root:
+        raise ValueError(f"{run.root}: model_init writes a MED to a filesystem path (local or shared), not a URL")
+    med, report = materialise_init(step.section, run.output("tokenizer")["tokenizer"], 0, Path(run.stage_dir(step.name)))
+    run.log(f"[{step.name}] {report['log_line']}")
+    return {"med": med, "init": report}
 
 
 def _finetune(kind: str) -> Callable[[Run, Step], dict[str, Any]]:
@@ -184,13 +218,21 @@ def plan(config: PipelineConfig) -> list[Step]:
         steps.append(Step("synth", _synth, config.synth))
     if config.ingest is not None:
         steps.append(Step("ingest", _ingest, config.ingest))
+    if config.pretrain_vision is not None:
+        steps.append(Step("pretrain_vision", _pretrain_vision, config.pretrain_vision))
     trains = config.pretrain is not None or config.finetune_captioner is not None or config.finetune_filter is not None
     if trains:
         steps.append(Step("tokenizer", _tokenizer, config.tokenizer))
+    # Every pretraining from the model's initialisation starts from the same weights.
+    init_inputs = {"vision": "pretrain_vision"} if config.pretrain_vision is not None else {}
     current_med = None
     if config.pretrain is not None:
-        steps.append(Step("pretrain_noisy", _pretrain, config.pretrain))
+        steps.append(Step("pretrain_noisy", _pretrain, config.pretrain, dict(init_inputs)))
         current_med = "pretrain_noisy"
+    elif trains and config.model.init.is_set():
+        # Fine-tuning straight from pretrained weights (a published BLIP, a MED): no pretraining first.
+        steps.append(Step("model_init", _model_init, config.model))
+        current_med = "model_init"
     for round_ in range(config.rounds if config.capfilt is not None else 0):
         prefix = f"round_{round_}"
         inputs: dict[str, Any] = {"round": round_}
@@ -198,12 +240,13 @@ def plan(config: PipelineConfig) -> list[Step]:
             if section is None:
                 continue
             if current_med is None:
-                raise ValueError(f"finetune_{kind}: needs a pretrain section to start from")
+                raise ValueError(f"finetune_{kind}: needs a pretrain section or model.init to start from")
             steps.append(Step(f"{prefix}/finetune_{kind}", _finetune(kind), section, {"init": current_med}))
             inputs[kind] = f"{prefix}/finetune_{kind}"
         steps.append(Step(f"{prefix}/capfilt", _capfilt, config.capfilt, inputs))
         if config.pretrain is not None:
-            steps.append(Step(f"{prefix}/pretrain", _pretrain, config.pretrain, {"capfilt": f"{prefix}/capfilt"}))
+            start = {"continue": current_med} if config.round_pretrain_start == "previous_round" else init_inputs
+            steps.append(Step(f"{prefix}/pretrain", _pretrain, config.pretrain, {"capfilt": f"{prefix}/capfilt", **start}))
             current_med = f"{prefix}/pretrain"
     if config.evaluate is not None:
         models = {}
@@ -231,7 +274,7 @@ def run_pipeline(config: PipelineConfig, run_dir: str | None = None, log: Callab
         record_path = f"{root}/{step.name}/{STAGE_RECORD}"
         record_identity = {"section": identity(step.section), "inputs": step.inputs,
                     "upstream": {name: run.outputs.get(name) for name in _upstream(step)}}
-        if step.name.endswith("pretrain") or "finetune" in step.name or step.name == "tokenizer":
+        if "pretrain" in step.name or "finetune" in step.name or step.name in ("tokenizer", "model_init"):
             record_identity["model"] = identity(config.model)
         if fs.exists(record_path):
             record = json.loads(fs.cat_file(record_path))
@@ -275,5 +318,8 @@ def _finish_metrics(run: Run, fs, root: str, total: float) -> None:
     if "evaluate" not in run.outputs:
         return
     metrics = json.loads(fs.cat_file(f"{root}/evaluate/metrics.json"))
+    if "pretrain_vision" in run.outputs:
+        vision = run.outputs["pretrain_vision"]
+        metrics["pretrain_vision"] = {name: vision[name] for name in ("classes", "images", "rejects", "metrics")}
     metrics["seconds"] = {**run.seconds, "total": sum(run.seconds.values())}
     fs.pipe_file(f"{root}/metrics.json", json.dumps(metrics, indent=2, sort_keys=True).encode())

@@ -43,3 +43,44 @@ def test_runtime_settings_are_not_part_of_a_stage_identity():
     assert identity(TrainConfig(workers=1, log_every=5)) == identity(TrainConfig(workers=4, log_every=50))
     assert identity(TrainConfig()) != identity(TrainConfig(steps=7))
     assert identity(TrainConfig()) != identity(TrainConfig(image={"hflip_p": 0.0}))
+
+
+def test_model_init_sources_that_conflict_are_named():
+    from pydantic import ValidationError
+
+    from capfilt.config import InitConfig, PipelineConfig
+
+    with pytest.raises(ValidationError, match="med is a whole MED"):
+        InitConfig(med="runs/x/med", vision="vit_base_patch16_224")
+    with pytest.raises(ValidationError, match="vision and blip_retrieval / blip_captioning both give the vision tower"):
+        InitConfig(vision="vit_base_patch16_224", blip_retrieval="Salesforce/blip-itm-base-coco")
+    with pytest.raises(ValidationError, match="pretrain_vision gives the ViT, and so does model.init"):
+        PipelineConfig(pretrain_vision={}, model={"init": {"vision": "vit_base_patch16_224"}})
+    with pytest.raises(ValidationError, match="tokenizer.source 'train' learns a new vocabulary"):
+        PipelineConfig(model={"init": {"blip_retrieval": "Salesforce/blip-itm-base-coco"}})
+    assert not InitConfig().is_set() and InitConfig(text="bert-base-uncased").text_source == "bert-base-uncased"
+
+
+def test_the_plan_starts_every_round_where_the_noisy_pretraining_started_unless_asked_otherwise():
+    from capfilt.config import PipelineConfig
+    from capfilt.runner import plan
+
+    sections = {"synth": {"num_labelled": 10}, "pretrain_vision": {}, "pretrain": {}, "finetune_captioner": {},
+                "finetune_filter": {}, "capfilt": {}, "rounds": 2}
+    steps = {step.name: step for step in plan(PipelineConfig.model_validate(sections))}
+    assert list(steps)[:4] == ["synth", "pretrain_vision", "tokenizer", "pretrain_noisy"]
+    assert steps["pretrain_noisy"].inputs == {"vision": "pretrain_vision"}
+    assert steps["round_1/pretrain"].inputs == {"capfilt": "round_1/capfilt", "vision": "pretrain_vision"}
+    assert steps["round_1/finetune_filter"].inputs == {"init": "round_0/pretrain"}
+
+    continued = plan(PipelineConfig.model_validate({**sections, "round_pretrain_start": "previous_round"}))
+    rounds = {step.name: step.inputs for step in continued}
+    assert rounds["round_0/pretrain"] == {"capfilt": "round_0/capfilt", "continue": "pretrain_noisy"}
+    assert rounds["round_1/pretrain"] == {"capfilt": "round_1/capfilt", "continue": "round_0/pretrain"}
+
+    from_blip = plan(PipelineConfig.model_validate({
+        "tokenizer": {"source": "Salesforce/blip-itm-base-coco"}, "finetune_filter": {}, "capfilt": {},
+        "model": {"init": {"blip_retrieval": "Salesforce/blip-itm-base-coco"}}}))
+    assert [step.name for step in from_blip] == ["tokenizer", "model_init", "round_0/finetune_filter", "round_0/capfilt"]
+    with pytest.raises(ValueError, match="needs a pretrain section or model.init"):
+        plan(PipelineConfig.model_validate({"finetune_filter": {}, "capfilt": {}}))

@@ -4,6 +4,8 @@ the pairs, train (resuming), save the MED, record the result last.
 Stage directory::
 
     OUT/_capfilt.json        the inputs' fingerprint (claimed first; another configuration is refused)
+    OUT/init/                a fresh MED with model.init's pretrained weights (init/_init.json: what
+                             was loaded and what stayed fresh), when the stage starts from them
     OUT/pairs/               the training pairs (capfilt.data.pairs.write_pairs), _counts.json last
     OUT/checkpoints/         Ray Train checkpoints while training (removed once the result is recorded)
     OUT/train_log.jsonl      one record per log_every steps, plus start/checkpoint events
@@ -20,10 +22,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from capfilt.config import MedConfig, PairSource, TrainConfig, identity
+from capfilt.config import InitConfig, MedConfig, PairSource, TrainConfig, identity
 
 RESULT_FILE = "_RESULT.json"
 MED_DIR = "med"
+INIT_DIR = "init"
+INIT_RECORD = "_init.json"
 
 
 def file_digest(path: str | Path) -> str:
@@ -52,16 +56,55 @@ def med_digest(model_dir: str | Path) -> str:
     return directory_digest(model_dir, [CONFIG_FILE, WEIGHTS_FILE])
 
 
+def source_identity(source: str, revision: str | None = None) -> dict[str, Any]:
+    """A weights source as content where it is local (a file or directory digest), else as a hub id."""
+    path = Path(source)
+    if path.is_file():
+        return {"path": str(path), "sha256": file_digest(path)}
+    if path.is_dir():
+        return {"path": str(path), "sha256": directory_digest(path)}
+    return {"hub_id": source, "revision": revision}
+
+
 def fingerprint(stage: str, train: TrainConfig, sources: Sequence[PairSource], tokenizer_dir: str,
                 model: MedConfig | None, init_med: str | None) -> dict[str, Any]:
+    init = model.init if model is not None and init_med is None else InitConfig()
     return {
         "stage": stage,
         "train": identity(train),  # RUNTIME fields (workers, logging...) may differ on resume
         "sources": [source.model_dump(mode="json") for source in sources],
         "tokenizer": directory_digest(tokenizer_dir),
-        "model": model.model_dump(mode="json") if model is not None and init_med is None else None,
+        "model": model.model_dump(mode="json", exclude={"init"}) if model is not None and init_med is None else None,
+        "model_init": {name: source_identity(value, init.revision) for name, value in init.model_dump().items()
+                       if value and name != "revision"} or None,
         "init_med": {"path": str(init_med), "sha256": med_digest(init_med)} if init_med else None,
     }
+
+
+def materialise_init(model: MedConfig, tokenizer_dir: str, seed: int, out: Path) -> tuple[str, dict[str, Any]]:
+    """A fresh MED of size ``model`` with ``model.init``'s weights loaded, saved under ``out/init``.
+
+    Built once, in the driver, so every worker (and a resumed run) starts from the same weights and the
+    report of what stayed fresh is made once. Returns the MED directory and that report.
+    """
+    import torch
+
+    from capfilt.data.text import load_tokenizer
+    from capfilt.models.init import apply_init
+    from capfilt.models.med import MED, save_med
+
+    directory = out / INIT_DIR
+    record = directory / INIT_RECORD
+    if record.exists():
+        return str(directory), json.loads(record.read_text())
+    tokenizer = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(seed)  # the fresh parts, as a from-scratch run of the same seed draws them
+    med = MED.from_config(model, tokenizer)
+    loaded = apply_init(med, model.init, tokenizer)
+    report = {**loaded.summary(), "log_line": loaded.as_log_line()}
+    save_med(med, directory, tokenizer)
+    _write_json(record, report)
+    return str(directory), report
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -108,6 +151,11 @@ def run_training_stage(
             return record["result"]
 
     started = time.time()
+    init_report = None
+    if init_med is None and model is not None and model.init.is_set():
+        init_med, init_report = materialise_init(model, tokenizer_dir, train.seed, out)
+        model = None
+        log(f"[{stage}] starting from {init_report['log_line']}")
     pairs = write_pairs(sources, str(out))
     log(f"[{stage}] {pairs['total']} pairs of {pairs['images']} images {pairs['by_source']}; "
         f"rejected {pairs['rejects'] or 'none'}")
@@ -125,6 +173,8 @@ def run_training_stage(
         "resumed_from_step": trained["start_step"] or None,
         "log": trained["log"],
     }
+    if init_report is not None:
+        result["init"] = init_report
     if export is not None:
         result.update({name: str(path) for name, path in export(med, tokenizer, out).items()})
     result["seconds"] = round(time.time() - started, 1)

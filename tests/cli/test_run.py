@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[2]
 CAPFILT = str(Path(sys.executable).with_name("capfilt"))
 
 REDUCED = {
-    "synth": {"num_web": 48, "num_human": 16, "num_test": 8, "image_size": 32, "rows_per_shard": 16},
+    "synth": {"num_web": 48, "num_human": 16, "num_test": 8, "num_labelled": 24, "image_size": 32, "rows_per_shard": 16},
+    "pretrain_vision": {"steps": 3, "batch_size": 8, "warmup_steps": 1, "cpus": 1},
     "tokenizer": {"vocab_size": 300},
     "model": {"vision": {"image_size": 32, "width": 64, "layers": 1, "heads": 2, "mlp_dim": 128},
               "text": {"width": 64, "layers": 1, "heads": 2, "mlp_dim": 128}, "embed_dim": 32},
@@ -70,11 +71,27 @@ def test_metrics_file_has_the_documented_shape(demo_run):
     for noise in metrics["filter"]["by_noise_type"].values():
         assert set(noise) >= {"recall", "count"} and noise["count"] > 0
     assert set(metrics["captioner"]) >= {"synthetic_caption_accuracy", "distinct_captions_per_image"}
-    stages = {"synth", "tokenizer", "pretrain_noisy", "round_0/finetune_captioner", "round_0/finetune_filter",
+    stages = {"synth", "pretrain_vision", "tokenizer", "pretrain_noisy", "round_0/finetune_captioner", "round_0/finetune_filter",
               "round_0/capfilt", "round_0/pretrain", "evaluate"}
     assert set(metrics["seconds"]) == stages | {"total"}
     assert metrics["seconds"]["total"] == pytest.approx(sum(metrics["seconds"][s] for s in stages))
     assert "noisy" in result.stdout and "bootstrapped" in result.stdout and str(run_dir) in result.stdout
+    vision = metrics["pretrain_vision"]
+    assert vision["images"] == 24 and set(vision["classes"]) <= {"circle", "square", "triangle", "star", "cross"}
+
+
+def test_both_pretrainings_start_from_the_classifier_vit(demo_run):
+    from safetensors.torch import load_file
+
+    from capfilt.models.med import load_med
+
+    _, run_dir, _ = demo_run
+    vit = load_file(run_dir / "pretrain_vision" / "vit.safetensors")
+    for stage in ("pretrain_noisy", "round_0/pretrain"):
+        result = json.loads((run_dir / stage / "_RESULT.json").read_text())["result"]
+        assert result["init"]["loaded"] > 0 and not any(name.startswith("visual_encoder") for name in result["init"]["fresh"])
+        init = load_med(run_dir / stage / "init")
+        assert init.visual_encoder.encoder.layers[0].mlp.fc1.weight.equal(vit["blocks.0.mlp.fc1.weight"])
 
 
 def test_accounting_reconciles_with_the_generated_world(demo_run):
@@ -110,5 +127,5 @@ def test_a_second_run_skips_every_complete_stage(demo_run):
     before = (run_dir / "metrics.json").read_text()
     result = _run(pipeline, run_dir)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("complete, skipped") == 8
+    assert result.stdout.count("complete, skipped") == 9
     assert json.loads((run_dir / "metrics.json").read_text())["models"] == json.loads(before)["models"]

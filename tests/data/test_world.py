@@ -335,3 +335,27 @@ def test_world_config_validation():
     with pytest.raises(ValidationError, match="extra"):
         WorldConfig(num_webs=3)
     assert NoiseFractions().clean == pytest.approx(0.55)
+
+
+def test_labelled_split_has_shape_classes_only_and_images_of_its_own(tmp_path):
+    config = WorldConfig(num_web=40, num_human=10, num_test=10, num_labelled=60, image_size=32, rows_per_shard=25,
+                         failed_rows=0, corrupt_rows=0)
+    paths = write_world(config, str(tmp_path / "world"))
+    assert len(paths.shards["labelled"]) == 3
+    labelled = _read(paths.shards["labelled"])
+    assert "captions" not in labelled.column_names and labelled.column("caption").null_count == 60
+    from capfilt.data.world import Scene
+
+    for row in labelled.to_pylist():
+        scene = Scene.from_json(row["gt_scene"])
+        assert row["labels"] == sorted({obj.shape for obj in scene.objects}) and row["status"] == "success"
+    # Disjoint from every other split: the labelled images are drawn from seeds of their own.
+    others = {row["sha256"] for split in ("web", "human", "test") for row in _read(paths.shards[split]).to_pylist()}
+    assert not others & set(labelled.column("sha256").to_pylist())
+    assert json.loads(open(paths.manifest).read())["splits"]["labelled"]["rows"] == 60
+    # Asking for it changes nothing in the other splits.
+    without = write_world(config.model_copy(update={"num_labelled": 0}), str(tmp_path / "without"))
+    assert without.shards["labelled"] == ()
+    for split in ("web", "human", "test"):
+        for first, second in zip(paths.shards[split], without.shards[split]):
+            assert open(first, "rb").read() == open(second, "rb").read()

@@ -5,7 +5,9 @@ Column names, order and types follow img2dataset's Parquet writer (the caller's 
 and the bytes in ``jpg``); keys are computed as img2dataset does (shard id times 10^digits of
 ``rows_per_shard``, zero-padded to 5 + digits). The caller's columns are the ground truth, which
 capfilt's decisions never read: ``gt_noise_type``, ``gt_scene``, ``gt_clean``, ``gt_image_status``
-and, for human and test images, ``captions`` (all references; ``caption`` is the first).
+and, for human and test images, ``captions`` (all references; ``caption`` is the first). The
+``labelled`` split (empty unless ``num_labelled``) is the world's ImageNet: images with ``labels``, the
+shape classes they show, and no caption, for pretraining a ViT as a classifier before it sees text.
 
 Every row draws from its own generator seeded by (seed, split, row), and noise types and failed
 rows are exact counts placed by a seeded permutation, so a shard can be written alone (in any order
@@ -31,21 +33,23 @@ from capfilt.data.world.captions import NOISE_TYPES, human_captions, web_pair
 from capfilt.data.world.render import encode_jpeg, render
 from capfilt.data.world.scene import sample_scene
 
-SPLITS = ("web", "human", "test")
+SPLITS = ("web", "human", "test", "labelled")
 SHARD_DIGITS = 5  # img2dataset's oom_shard_count default
 _FAILURES = ("HTTP Error 404: Not Found", "HTTP Error 403: Forbidden", "<urlopen error timed out>")
 _HTML_ERROR_PAGE = b"<!DOCTYPE html><html><head><title>404 Not Found</title></head><body>Not Found</body></html>"
 
 
-def _schema(with_references: bool) -> pa.Schema:
+def _schema(split: str) -> pa.Schema:
     fields = [
         pa.field("gt_noise_type", pa.string()),
         pa.field("gt_scene", pa.string()),
         pa.field("gt_clean", pa.bool_()),
         pa.field("gt_image_status", pa.string()),
     ]
-    if with_references:
+    if split in ("human", "test"):
         fields.append(pa.field("captions", pa.list_(pa.string())))
+    if split == "labelled":
+        fields.append(pa.field("labels", pa.list_(pa.string())))
     fields += [
         pa.field("caption", pa.string()),
         pa.field("url", pa.string()),
@@ -69,6 +73,7 @@ class WorldPaths:
     web: str
     human: str
     test: str
+    labelled: str
     manifest: str  # world.json: the config and per-split counts, written last
     shards: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
@@ -80,7 +85,8 @@ def compute_key(index: int, shard_id: int, rows_per_shard: int) -> str:
 
 
 def split_size(config: WorldConfig, split: str) -> int:
-    return {"web": config.num_web, "human": config.num_human, "test": config.num_test}[split]
+    return {"web": config.num_web, "human": config.num_human, "test": config.num_test,
+            "labelled": config.num_labelled}[split]
 
 
 def num_shards(config: WorldConfig, split: str) -> int:
@@ -141,6 +147,12 @@ def make_rows(config: WorldConfig, split: str, shard_id: int) -> list[dict]:
             )
             row.update(gt_noise_type=noise_type, gt_clean=noise_type == "clean", caption=caption)
             fault = faults.get(index)
+        elif split == "labelled":
+            # Object classes only, as ImageNet's labels: no colours, sizes, positions or relations.
+            scene = sample_scene(rng, config.min_objects, config.max_objects, config.duplicate_probability)
+            row.update(gt_noise_type="clean", gt_clean=True, caption=None,
+                       labels=sorted({obj.shape for obj in scene.objects}))
+            fault = None
         else:
             scene = sample_scene(rng, config.min_objects, config.max_objects, config.duplicate_probability)
             count = config.captions_per_human_image if split == "human" else config.captions_per_test_image
@@ -175,7 +187,7 @@ def write_shard(config: WorldConfig, split: str, shard_id: int, split_dir: str) 
     """Write ``{shard:05d}.parquet`` and ``{shard:05d}_stats.json``; returns the path and the stats."""
     start_time = time.time()
     rows = make_rows(config, split, shard_id)
-    schema = _schema(with_references=split != "web")
+    schema = _schema(split)
     table = pa.Table.from_pylist(rows, schema=schema)
     name = f"{shard_id:0{SHARD_DIGITS}d}"
     path = _join(split_dir, f"{name}.parquet")
@@ -203,7 +215,7 @@ def write_shard(config: WorldConfig, split: str, shard_id: int, split_dir: str) 
 
 
 def write_world(config: WorldConfig, out_dir: str) -> WorldPaths:
-    """Generate the web, human and test splits under ``out_dir`` (a local path or fsspec URL)."""
+    """Generate the web, human, test and labelled splits under ``out_dir`` (a local path or fsspec URL)."""
     fs, root = fsspec.core.url_to_fs(out_dir)
     base = out_dir if "://" in out_dir else root
     shards: dict[str, tuple[str, ...]] = {}
@@ -225,4 +237,4 @@ def write_world(config: WorldConfig, out_dir: str) -> WorldPaths:
     manifest = _join(base, "world.json")
     with fsspec.open(manifest, "w") as handle:
         json.dump({"config": config.model_dump(), "splits": summary}, handle, indent=2, sort_keys=True)
-    return WorldPaths(base, _join(base, "web"), _join(base, "human"), _join(base, "test"), manifest, shards)
+    return WorldPaths(base, *(_join(base, split) for split in SPLITS), manifest, shards)
