@@ -190,7 +190,8 @@ def train_classifier(config: VisionPretrainConfig, vision: VisionConfig, data: L
     started, losses = time.time(), []
     for step in range(config.steps):
         epoch, offset = divmod(step, per_epoch)
-        order = torch.randperm(count, generator=torch.Generator().manual_seed(derived_seed("order", config.seed, epoch)))
+        if offset == 0:  # one permutation per epoch, not one per step
+            order = torch.randperm(count, generator=torch.Generator().manual_seed(derived_seed("order", config.seed, epoch)))
         chosen = order[offset * batch : (offset + 1) * batch]
         pixels, targets = train_pixels[chosen].to(device), train_targets[chosen].to(device)
         flip = torch.rand(len(chosen), generator=torch.Generator().manual_seed(derived_seed("flip", config.seed, step)))
