@@ -312,9 +312,12 @@ class MemorySampler(threading.Thread):
     it keeps the largest single process and the largest simultaneous sum of RSS.
     """
 
-    def __init__(self, interval_s: float = 0.25):
+    def __init__(self, interval_s: float = 0.25, role_of=None,
+                 roles: tuple[str, ...] = ("driver", "actors", "read_tasks", "other_ray_workers")):
         super().__init__(daemon=True)
         self.interval_s = interval_s
+        self.role_of = role_of or process_role
+        self.report_roles = roles
         self.available = os.path.isdir(f"/proc/{os.getpid()}")
         self.stop_event = threading.Event()
         self.peak_kb: dict[int, int] = {}  # pid -> VmHWM
@@ -347,7 +350,7 @@ class MemorySampler(threading.Thread):
         for pid in [os.getpid(), *self.descendants()]:
             try:
                 status = _proc_status(pid)
-                role = "driver" if pid == os.getpid() else process_role(_cmdline(pid))
+                role = "driver" if pid == os.getpid() else self.role_of(_cmdline(pid))
             except (OSError, KeyError, ValueError):
                 continue
             if role is None:
@@ -375,7 +378,7 @@ class MemorySampler(threading.Thread):
             return {"sampler": "unavailable (no /proc on this system)"}
         self.sample()
         report: dict[str, Any] = {"sampler": "/proc VmHWM per process, VmRSS sums", "samples": self.samples}
-        for role in ("driver", "actors", "read_tasks", "other_ray_workers"):
+        for role in self.report_roles:
             pids = [pid for pid, r in self.roles.items() if r == role]
             if not pids:
                 continue

@@ -480,6 +480,16 @@ class TrainConfig(Section):
         description="augmentation; set image.hflip_p 0 where captions say left/right (the generated world)",
     )
     image_size: int | None = Field(None, gt=0, description="train resolution; None: the model's (re-grids if set)")
+    shuffle_shards: int = Field(
+        8, ge=0, description="units (input shards, CapFilt pairs files) per shuffle window: each epoch takes the "
+        "units in a seeded order and trains each window's pairs in a seeded permutation; their image bytes are "
+        "what training holds in memory. 0: all units, one global permutation per epoch"
+    )
+    max_bad_fraction: float = Field(
+        0.1, ge=0.0, le=1.0, description="pairs met in training that cannot be used (an image that does not "
+        "decode, a shard gone or changed since the stage counted it) are counted and replaced by the next good "
+        "pair of their batch; once more than this fraction of the pairs proves unusable the run stops"
+    )
     checkpoint_every: int = Field(
         100, gt=0, description="steps between checkpoints (the last step always saves)", json_schema_extra=RUNTIME
     )

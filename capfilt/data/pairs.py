@@ -44,8 +44,8 @@ PAIR_SCHEMA = pa.schema(
         ("image", pa.binary()),
     ]
 )
-PAIRS_DIR = "pairs"
-COUNTS_FILE = "_counts.json"  # written last: its presence means the pairs table is complete
+PAIRS_DIR = "pairs"  # a CapFilt output's kept pairs
+PAIRS_INDEX = "_pairs_index.json"  # a training stage's pairs per unit (index_pairs)
 REFERENCES_COLUMN = "captions"
 
 
@@ -78,8 +78,12 @@ class PairCounts:
 class PairReader:
     """One :class:`~capfilt.config.PairSource` → pair tables, one or more per unit."""
 
-    def __init__(self, source: PairSource):
+    def __init__(self, source: PairSource, check_images: bool = True, fetch_images: bool = True):
         self.source = source
+        # Training streams unchecked pairs (a bad image is met, counted and replaced there); an index
+        # pass also skips fetching referenced images, which leaves the same rows.
+        self.check_images = check_images
+        self.fetch = fetch_images
         if source.kind == "shards" and (source.reader is None or source.reader.paths is None):
             raise ValueError("pair source of kind 'shards' needs reader.paths")
         if source.kind == "capfilt" and not source.path:
@@ -152,7 +156,7 @@ class PairReader:
             images = part.column("image").to_pylist()
             rows = part.column("row").to_pylist()
             missing = sorted({row for row, image in zip(rows, images) if image is None})
-            if missing:
+            if missing and self.fetch:
                 fetched = self.fetch_images(shards[start], missing, pairs_file)
                 images = [image if image is not None else fetched[row] for row, image in zip(rows, images)]
             yield self._pairs(
@@ -234,17 +238,17 @@ class PairReader:
         out: dict[str, list] = {name: [] for name in PAIR_SCHEMA.names}
         verdicts: dict[int, str | None] = {}  # image id -> None (usable) or the decode reject reason
         for image, row_texts, source, key, row in zip(images, texts, sources, keys, rows):
-            if image is None:
+            if image is None and self.check_images:
                 counts.rejects["decode_error: missing"] += 1
                 continue
-            identity = image_id(image)
-            if identity not in verdicts:
+            identity = image_id(image) if image is not None else -1
+            if self.check_images and identity not in verdicts:
                 try:
                     decode_image(image, self.source.max_pixels)
                     verdicts[identity] = None
                 except DecodeError as error:
                     verdicts[identity] = error.reason
-            if verdicts[identity] is not None:
+            if verdicts.get(identity) is not None:
                 counts.rejects[verdicts[identity]] += 1
                 continue
             for raw in row_texts or [None]:
@@ -264,45 +268,77 @@ def read_pairs(sources: Sequence[PairSource], counts: PairCounts) -> Iterator[pa
         yield from PairReader(source).read(counts)
 
 
-def write_pairs(sources: Sequence[PairSource], out_dir: str) -> dict[str, Any]:
-    """Materialise the pairs under ``out_dir/pairs/`` (one file per unit) and return their counts.
+@dataclass(frozen=True)
+class PairUnit:
+    """One unit of training data: an input shard or a CapFilt pairs file, of the ``source``-th source."""
 
-    A complete table (its ``_counts.json``, written last) is reused as is: the caller binds
-    ``out_dir`` to the source configuration, so a second call only re-reads the counts.
-    """
-    directory = os.path.join(out_dir, PAIRS_DIR)
-    counts_path = os.path.join(directory, COUNTS_FILE)
-    if os.path.exists(counts_path):
-        with open(counts_path, encoding="utf-8") as handle:
-            return json.load(handle)
-    os.makedirs(directory, exist_ok=True)
-    for stale in os.listdir(directory):  # a killed earlier attempt's files
-        os.remove(os.path.join(directory, stale))
+    source: int
+    path: str
+
+
+def training_units(sources: Sequence[PairSource]) -> list[PairUnit]:
+    return [PairUnit(index, unit) for index, source in enumerate(sources) for unit in PairReader(source).units()]
+
+
+def read_unit_pairs(source: PairSource, unit: str, counts: PairCounts | None = None, *,
+                    with_images: bool = True) -> pa.Table:
+    """The pairs of one unit, in order, as training reads them: status- and caption-checked, images not
+    decoded (training meets, counts and replaces a bad image). ``with_images=False`` leaves referenced
+    images unfetched: the same rows, for counting."""
+    counts = counts if counts is not None else PairCounts()
+    reader = PairReader(source, check_images=False, fetch_images=with_images)
+    tables = list(reader.read_unit(unit, counts))
+    return pa.concat_tables(tables) if tables else PAIR_SCHEMA.empty_table()
+
+
+def _index_unit(source_json: str, path: str) -> dict[str, Any]:
+    from capfilt.data.shards import ShardError
+
     counts = PairCounts()
-    part = 0
-    for source in sources:
-        reader = PairReader(source)
-        for unit in reader.units():
-            tables = list(reader.read_unit(unit, counts))
-            if tables:
-                pq.write_table(pa.concat_tables(tables), os.path.join(directory, f"part-{part:05d}.parquet"))
-                part += 1
-    summary = counts.as_dict()
-    if summary["total"] == 0:
-        raise ValueError(f"no usable pairs in the training sources (rejects: {summary['rejects']})")
-    temporary = f"{counts_path}.tmp"
+    try:
+        table = read_unit_pairs(PairSource.model_validate_json(source_json), path, counts, with_images=False)
+    except (ShardError, OSError, pa.ArrowException) as error:  # a unit gone is counted, as training counts it
+        return {"pairs": 0, "by_source": {}, "rejects": {"shard_unreadable": 1},
+                "error": f"{path}: {type(error).__name__}: {error}"[:500]}
+    return {"pairs": table.num_rows, "by_source": dict(counts.pairs), "rejects": dict(counts.rejects)}
+
+
+def index_pairs(sources: Sequence[PairSource], out_dir: str, data_cpus: float = 1.0) -> dict[str, Any]:
+    """Count the pairs of every unit of ``sources`` (Ray tasks, one per unit) without keeping any, and
+    record them in ``out_dir/_pairs_index.json``: the only table training keeps is one number per unit.
+
+    A complete index is reused as is: the caller binds ``out_dir`` to the source configuration.
+    """
+    import ray
+
+    path = os.path.join(out_dir, PAIRS_INDEX)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    units = training_units(sources)
+    task = ray.remote(num_cpus=data_cpus)(_index_unit)
+    dumps = [source.model_dump_json() for source in sources]
+    found = ray.get([task.remote(dumps[unit.source], unit.path) for unit in units])
+    totals, by_source, rejects = 0, Counter(), Counter()
+    for entry in found:
+        totals += entry["pairs"]
+        by_source.update(entry["by_source"])
+        rejects.update(entry["rejects"])
+    if totals == 0:
+        raise ValueError(f"no usable pairs in the training sources (rejects: {dict(sorted(rejects.items()))})")
+    index = {
+        "total": totals,
+        "by_source": dict(sorted(by_source.items())),
+        "rejects": dict(sorted(rejects.items())),
+        "units": [{"source": unit.source, "path": unit.path, "pairs": entry["pairs"],
+                   **({"error": entry["error"]} if "error" in entry else {})} for unit, entry in zip(units, found)],
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    temporary = f"{path}.tmp"
     with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(summary, handle, indent=2, sort_keys=True)
-    os.replace(temporary, counts_path)
-    return summary
-
-
-def pair_files(out_dir: str) -> list[str]:
-    """The files of a complete pairs table written by :func:`write_pairs`."""
-    directory = os.path.join(out_dir, PAIRS_DIR)
-    if not os.path.exists(os.path.join(directory, COUNTS_FILE)):
-        raise FileNotFoundError(f"{directory}: no complete pairs table ({COUNTS_FILE} missing)")
-    return sorted(os.path.join(directory, name) for name in os.listdir(directory) if name.endswith(".parquet"))
+        json.dump(index, handle, indent=1, sort_keys=True)
+    os.replace(temporary, path)
+    return index
 
 
 def caption_corpus(sources: Sequence[PairSource]) -> Iterator[str]:

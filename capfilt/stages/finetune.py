@@ -33,6 +33,7 @@ def run_finetune(
     sources: list[PairSource],
     out_dir: str,
     log: Callable[[str], None] = print,
+    storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune a copy of ``init_med`` into a captioner or a filter and export it.
 
@@ -51,7 +52,7 @@ def run_finetune(
         return {"model": exporter(med, tokenizer, out / directory)}
 
     return run_training_stage(f"finetune_{kind}", train, sources, tokenizer_dir, out_dir, init_med=init_med,
-                              export=export, log=log)
+                              export=export, log=log, storage_options=storage_options)
 
 
 def run_finetune_captioner(train: TrainConfig, init_med: str, tokenizer_dir: str, sources: list[PairSource],

@@ -24,16 +24,19 @@ def run_pretrain(
     out_dir: str,
     init_from: str | None = None,
     log: Callable[[str], None] = print,
+    storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Pretrain a MED of size ``model`` (or continue from the MED directory ``init_from``) on ``sources``.
 
-    Returns ``{"med": <save_med dir>, "steps", "pairs": {total, images, by_source, rejects}, "seconds",
-    "resumed_from_step", "log"}``; the same dict, without training, when ``out_dir`` already holds it.
+    Returns ``{"med": <save_med dir>, "steps", "pairs": {total, by_source, rejects, units}, "bad_pairs",
+    "seconds", "resumed_from_step", "log"}``; the same dict, without training, when ``out_dir`` already
+    holds it. ``out_dir`` may be a URL (with fsspec ``storage_options``): see
+    :func:`~capfilt.training.stage.run_training_stage`.
     """
     from capfilt.training.stage import run_training_stage
 
     return run_training_stage("pretrain", train, sources, tokenizer_dir, out_dir, model=model,
-                              init_med=init_from, log=log)
+                              init_med=init_from, log=log, storage_options=storage_options)
 
 
 def prepare_tokenizer(

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from capfilt.config import MedConfig, TrainConfig
+from capfilt.config import MedConfig, PairSource, TrainConfig
 from capfilt.training import checkpoint as ckpt
 
 LOG_FILE = "train_log.jsonl"
@@ -136,6 +136,7 @@ class WorkerSpec:
     resume: str | None = None  # a checkpoint directory (wins over both)
     fingerprint: str = ""
     data: dict | None = None  # make_batch's keyword arguments
+    stream: dict | None = None  # unit_pairs (one count per unit) and the UnitCache actor's name
 
 
 class _Meter:
@@ -194,6 +195,66 @@ def _build_med(spec: WorkerSpec, config: TrainConfig, tokenizer):
     return MED.from_config(model_config, tokenizer)
 
 
+BAD_PAIRS_GLOB = "bad_pairs.rank*.jsonl"
+
+
+class BadPairs:
+    """One rank's pairs that training met but could not use: appended to ``bad_pairs.rank{r}.jsonl``
+    beside the log (a resumed run meets the same positions again: readers dedupe by position). The run
+    stops once the distinct pairs a rank has found unusable exceed ``max_bad_fraction`` of the data's."""
+
+    def __init__(self, spec: WorkerSpec, config: TrainConfig, rank: int):
+        directory = Path(spec.log_path).parent
+        self.path = directory / BAD_PAIRS_GLOB.replace("*", str(rank))
+        before = spec.start_step * config.batch_size
+        self.pairs = {(record["unit"], record["ordinal"]) for position, record in read_bad_pairs(directory)
+                      if position < before}
+        self.total = sum(spec.stream["unit_pairs"])
+        self.allowed = config.max_bad_fraction * self.total
+        self.reasons: dict[str, int] = {}
+
+    def add(self, records: list[dict[str, Any]], step: int) -> None:
+        if not records:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps({**record, "step": step}, sort_keys=True) + "\n")
+                self.reasons[record["reason"]] = self.reasons.get(record["reason"], 0) + 1
+                self.pairs.add((record["unit"], record["ordinal"]))
+        if len(self.pairs) > self.allowed:
+            raise RuntimeError(
+                f"{len(self.pairs)} of the {self.total} pairs could not be used in training ({self.reasons}; "
+                f"e.g. {records[0]}): more than max_bad_fraction {self.allowed / self.total:g} allows; see {self.path}"
+            )
+
+
+def read_bad_pairs(directory: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """Every bad pair recorded under ``directory``, once per stream position, in position order."""
+    found: dict[int, dict[str, Any]] = {}
+    for path in sorted(Path(directory).glob(BAD_PAIRS_GLOB)):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # torn by a kill
+            found.setdefault(record["position"], record)
+    return sorted(found.items())
+
+
+def bad_pairs_summary(directory: str | Path, pairs_trained: int, pairs_indexed: int) -> dict[str, Any]:
+    """What the stage records: distinct bad pairs by reason (and how often training met them), a few examples."""
+    records = [record for position, record in read_bad_pairs(directory) if position < pairs_trained]
+    distinct: dict[tuple[int, int], str] = {}
+    for record in records:
+        distinct.setdefault((record["unit"], record["ordinal"]), record["reason"])
+    reasons: dict[str, int] = {}
+    for reason in distinct.values():
+        reasons[reason] = reasons.get(reason, 0) + 1
+    return {"pairs": len(distinct), "fraction": round(len(distinct) / max(1, pairs_indexed), 6),
+            "met": len(records), "by_reason": dict(sorted(reasons.items())),
+            "examples": [{key: value for key, value in record.items() if key != "step"} for record in records[:5]]}
+
+
 def train_loop_per_worker(spec_dict: dict) -> None:
     """Ray Train's ``train_loop_per_worker``: steps ``[start_step, steps)`` of one run."""
     import ray.train
@@ -201,7 +262,7 @@ def train_loop_per_worker(spec_dict: dict) -> None:
 
     from capfilt.data.text import load_tokenizer
     from capfilt.models.med import alpha_at
-    from capfilt.training.data import BatchPrefetcher, derived_seed, rank_positions
+    from capfilt.training.data import BatchPrefetcher, StreamPlan, derived_seed, rank_positions
     from capfilt.training.optim import lr_at, make_optimizer
 
     spec = WorkerSpec(**spec_dict)
@@ -227,13 +288,20 @@ def train_loop_per_worker(spec_dict: dict) -> None:
     prompt_length = prompt_length_of(tokenizer, config.prompt)
 
     positions = rank_positions(spec.start_step, config.steps, config.batch_size, config.workers, rank)
-    batches = BatchPrefetcher(positions, config.micro_batch, spec.data, config.data_cpus)
+    plan = StreamPlan(spec.stream["unit_pairs"], config.seed, config.shuffle_shards)
+    cache = ray.get_actor(spec.stream["cache"])
+    batches = BatchPrefetcher(positions, config.micro_batch, plan, cache, rank, spec.data, config.data_cpus)
+    bad = BadPairs(spec, config, rank)
     meter = _Meter(spec.start_step)
     last_metrics: dict[str, Any] = {}
     med.train()
     for step in range(spec.start_step, config.steps):
         torch.manual_seed(derived_seed("step", config.seed, step, rank))  # dropout, ITM negatives
-        micro = [model_inputs(next(batches), device) for _ in range(config.grad_accumulation)]
+        micro = []
+        for _ in range(config.grad_accumulation):
+            batch = next(batches)
+            bad.add(batch["bad"], step)
+            micro.append(model_inputs(batch, device))
         lr, alpha = lr_at(step, config), alpha_at(step, med_config)
         losses = train_step(model, optimizer, micro, lr=lr, alpha=alpha, objectives=objectives,
                             prompt_length=prompt_length, autocast=autocast)
@@ -270,9 +338,10 @@ class TrainJob:
     """One training run: its config, where it lives, and the MED it starts from."""
 
     config: TrainConfig
-    out_dir: str  # holds pairs/, checkpoints/, train_log.jsonl
+    out_dir: str  # holds checkpoints/, train_log.jsonl, bad_pairs.rank*.jsonl
     tokenizer_dir: str
-    pair_files: list[str]
+    sources: list[PairSource]  # where the pairs are
+    units: list[dict[str, Any]]  # {source, path, pairs}: index_pairs' units of those sources
     model: MedConfig | None = None  # pretraining from scratch: a fresh MED of this size
     init_med: str | None = None  # fine-tuning / continued pretraining: this MED directory
     fingerprint: str = ""
@@ -354,8 +423,9 @@ def format_record(name: str, record: dict, total: int) -> str:
             f"lr {record['lr']:.2e} {record.get('steps_per_s', 0):.2f} steps/s eta {eta_text}")
 
 
-def _fit_following(trainer, log_path: str, offset: int, name: str, total: int, log: Callable[[str], None]):
-    """``trainer.fit()`` in a thread while new log records are passed to ``log``."""
+def _fit_following(trainer, log_path: str, offset: int, name: str, total: int, log: Callable[[str], None],
+                   on_poll: Callable[[], Any] | None = None):
+    """``trainer.fit()`` in a thread while new log records are passed to ``log`` (and ``on_poll`` called)."""
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -369,6 +439,8 @@ def _fit_following(trainer, log_path: str, offset: int, name: str, total: int, l
     while True:
         thread.join(timeout=0.5)
         offset = _emit_new(log_path, offset, name, total, log)
+        if on_poll is not None:
+            on_poll()
         if not thread.is_alive():
             break
     if "error" in outcome:
@@ -392,8 +464,10 @@ def _emit_new(path: str, offset: int, name: str, total: int, log: Callable[[str]
     return offset
 
 
-def train(job: TrainJob, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume, or find finished) the training job; returns the final checkpoint and what ran."""
+def train(job: TrainJob, log: Callable[[str], None] = print, on_poll: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Run (or resume, or find finished) the training job; returns the final checkpoint and what ran.
+
+    ``on_poll`` is called about twice a second while training runs (the stage uploads new checkpoints)."""
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -423,14 +497,21 @@ def train(job: TrainJob, log: Callable[[str], None] = print) -> dict[str, Any]:
             f"{' with GPUs' if use_gpu else ''}; checkpoints in {root / attempt}")
 
         image_config = config.image.model_dump_json()
-        udf_kwargs = {"pair_files": list(job.pair_files), "tokenizer_dir": str(job.tokenizer_dir),
-                      "image_size": med_config.vision.image_size, "image_config_json": image_config,
-                      "max_text_length": config.max_text_length, "prompt": config.prompt, "seed": config.seed}
+        udf_kwargs = {"tokenizer_dir": str(job.tokenizer_dir), "image_size": med_config.vision.image_size,
+                      "image_config_json": image_config, "max_text_length": config.max_text_length,
+                      "prompt": config.prompt, "seed": config.seed}
+        from capfilt.training.data import UnitCache
+
+        cache_name = f"capfilt-units-{job.fingerprint[:12] or 'train'}-{attempt}-{os.getpid()}"
+        cache = ray.remote(UnitCache).options(name=cache_name, num_cpus=0).remote(
+            [source.model_dump_json() for source in job.sources], job.units, config.seed,
+            config.shuffle_shards, config.workers, config.data_cpus)
         spec = WorkerSpec(
             config=config.model_dump(mode="json"), tokenizer_dir=str(job.tokenizer_dir), log_path=log_path,
             start_step=start_step, checkpoints=str(root), attempt=attempt,
             model=job.model.model_dump(mode="json") if job.model is not None else None, init_med=job.init_med,
             resume=str(found[1]) if found else None, fingerprint=job.fingerprint, data=udf_kwargs,
+            stream={"unit_pairs": [unit["pairs"] for unit in job.units], "cache": cache_name},
         )
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -444,9 +525,14 @@ def train(job: TrainJob, log: Callable[[str], None] = print) -> dict[str, Any]:
                 failure_config=ray.train.FailureConfig(max_failures=0),
             ),
         )
-        _fit_following(trainer, log_path, offset, job.name, config.steps, log)
+        try:
+            _fit_following(trainer, log_path, offset, job.name, config.steps, log, on_poll)
+        finally:
+            ray.kill(cache)
     final = ckpt.latest(root)
     if final is None or final[0] != config.steps:
         raise RuntimeError(f"{root}: training ended without a checkpoint of step {config.steps} (found {final})")
     return {"checkpoint": str(final[1]), "steps": config.steps, "start_step": start_step,
-            "seconds": round(time.time() - started, 1), "log": log_path}
+            "seconds": round(time.time() - started, 1), "log": log_path,
+            "bad_pairs": bad_pairs_summary(Path(job.out_dir).resolve(), config.steps * config.batch_size,
+                                           sum(unit["pairs"] for unit in job.units))}

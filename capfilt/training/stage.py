@@ -1,4 +1,4 @@
-"""What the pretrain and fine-tune stages share: bind the stage directory to its inputs, materialise
+"""What the pretrain and fine-tune stages share: bind the stage directory to its inputs, count
 the pairs, train (resuming), save the MED, record the result last.
 
 Stage directory::
@@ -6,10 +6,12 @@ Stage directory::
     OUT/_capfilt.json        the inputs' fingerprint (claimed first; another configuration is refused)
     OUT/init/                a fresh MED with model.init's pretrained weights (init/_init.json: what
                              was loaded and what stayed fresh), when the stage starts from them
-    OUT/pairs/               the training pairs (capfilt.data.pairs.write_pairs), _counts.json last
+    OUT/_pairs_index.json    pairs per unit of the sources (capfilt.data.pairs.index_pairs); the pairs
+                             themselves are read from the sources while training
     OUT/checkpoints/         Ray Train checkpoints while training (removed once the result is recorded)
     OUT/train_log.jsonl      one record per log_every steps, plus start/checkpoint events
-    OUT/med/                 the final MED (save_med) with its tokenizer
+    OUT/bad_pairs.rank*.jsonl  pairs met in training that could not be used (summed in the result)
+    OUT/med/                 the final MED (save_med) with its tokenizer (and the exported models)
     OUT/_RESULT.json         the stage's result, written last: a rerun returns it without training
 """
 
@@ -124,61 +126,92 @@ def run_training_stage(
     init_med: str | None = None,
     export: Callable[[Any, Any, Path], dict[str, str]] | None = None,
     log: Callable[[str], None] = print,
+    storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train one MED into ``out_dir`` (see the module docstring); ``export(med, tokenizer, out_dir)``
-    adds its model directories to the result."""
+    adds its model directories to the result.
+
+    ``out_dir`` may be a URL (``s3://``, ``gs://``: fsspec with ``storage_options``): training then
+    works in a local mirror and the URL receives the checkpoints as they are made, and the MED, the
+    exported models and the result at the end (:mod:`capfilt.training.store`); a run killed on one
+    machine resumes from the URL on another. The returned paths are the mirror's, loadable as they are.
+    """
     from capfilt.data.output import CommittedOutput, config_hash
-    from capfilt.data.pairs import pair_files, write_pairs
+    from capfilt.data.pairs import PAIRS_INDEX, index_pairs
     from capfilt.data.text import load_tokenizer
     from capfilt.models.med import load_med, save_med
     from capfilt.training import checkpoint as ckpt
-    from capfilt.training.loop import CHECKPOINTS_DIR, TrainJob
+    from capfilt.training.loop import BAD_PAIRS_GLOB, CHECKPOINTS_DIR, LOG_FILE, TrainJob
     from capfilt.training.loop import train as run_train
+    from capfilt.training.store import StageStore
 
-    if "://" in str(out_dir):
-        raise ValueError(f"{out_dir}: training stages write to a filesystem path (local or shared), not a URL")
     if not sources:
         raise ValueError(f"{stage}: no pair sources given")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    store = StageStore(str(out_dir), storage_options)
+    out = store.local
     inputs = fingerprint(stage, train, sources, tokenizer_dir, model, init_med)
-    CommittedOutput(str(out)).claim(inputs)  # refuses a directory trained with other inputs
-    result_path = out / RESULT_FILE
-    if result_path.exists():
-        record = json.loads(result_path.read_text())
-        if record.get("hash") == config_hash(inputs):
-            log(f"[{stage}] complete in {out}, skipped")
-            return record["result"]
+    # Refuses a directory trained with other inputs.
+    CommittedOutput(store.out_dir if store.remote else str(out), storage_options).claim(inputs)
+    record = store.read_json(RESULT_FILE)
+    if record is not None and record.get("hash") == config_hash(inputs):
+        result = record["result"]
+        if store.remote:  # another machine's mirror, or none: bring the models here
+            store.pull((), tuple(result.get("outputs", {})))
+            result.update({name: str(out / relative) for name, relative in result.get("outputs", {}).items()})
+        log(f"[{stage}] complete in {out_dir}, skipped")
+        return result
 
+    store.pull((PAIRS_INDEX, LOG_FILE, BAD_PAIRS_GLOB), (INIT_DIR,))
     started = time.time()
     init_report = None
     if init_med is None and model is not None and model.init.is_set():
         init_med, init_report = materialise_init(model, tokenizer_dir, train.seed, out)
+        store.push(INIT_DIR)
         model = None
         log(f"[{stage}] starting from {init_report['log_line']}")
-    pairs = write_pairs(sources, str(out))
-    log(f"[{stage}] {pairs['total']} pairs of {pairs['images']} images {pairs['by_source']}; "
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    index = index_pairs(sources, str(out), data_cpus=train.data_cpus)
+    store.push(PAIRS_INDEX)
+    pairs = {key: index[key] for key in ("total", "by_source", "rejects")}
+    pairs["units"] = len(index["units"])
+    log(f"[{stage}] {pairs['total']} pairs in {pairs['units']} shards {pairs['by_source']}; "
         f"rejected {pairs['rejects'] or 'none'}")
-    job = TrainJob(config=train, out_dir=str(out), tokenizer_dir=str(tokenizer_dir), pair_files=pair_files(str(out)),
+    unreadable = [unit["error"] for unit in index["units"] if "error" in unit]
+    if unreadable:
+        log(f"[{stage}] warning: {len(unreadable)} shard(s) could not be read and are left out: {unreadable[0]}")
+    job = TrainJob(config=train, out_dir=str(out), tokenizer_dir=str(tokenizer_dir), sources=list(sources),
+                   units=[unit for unit in index["units"] if unit["pairs"]],
                    model=model if init_med is None else None, init_med=init_med,
                    fingerprint=config_hash(inputs), name=stage)
-    trained = run_train(job, log)
+    trained = run_train(job, log, on_poll=lambda: store.push_checkpoint((LOG_FILE, BAD_PAIRS_GLOB)))
 
     tokenizer = load_tokenizer(tokenizer_dir)
     med = load_med(trained["checkpoint"])
+    save_med(med, out / MED_DIR, tokenizer)
+    outputs = {"med": MED_DIR}
+    if export is not None:
+        outputs.update({name: str(Path(path).relative_to(out)) for name, path in export(med, tokenizer, out).items()})
     result: dict[str, Any] = {
-        "med": str(save_med(med, out / MED_DIR, tokenizer)),
+        **{name: str(out / relative) for name, relative in outputs.items()},
         "steps": train.steps,
         "pairs": pairs,
+        "bad_pairs": trained["bad_pairs"],
         "resumed_from_step": trained["start_step"] or None,
         "log": trained["log"],
+        "outputs": outputs,  # relative to the stage directory
     }
+    if store.remote:
+        result["remote"] = {name: store.push(relative) for name, relative in outputs.items()}
+        store.push(LOG_FILE)
     if init_report is not None:
         result["init"] = init_report
-    if export is not None:
-        result.update({name: str(path) for name, path in export(med, tokenizer, out).items()})
     result["seconds"] = round(time.time() - started, 1)
-    _write_json(result_path, {"hash": config_hash(inputs), "result": result})
+    _write_json(out / RESULT_FILE, {"hash": config_hash(inputs), "result": result})
+    store.push(RESULT_FILE)
     ckpt.remove_all(out / CHECKPOINTS_DIR)
-    log(f"[{stage}] done: {result['med']}")
+    store.remove_checkpoints()
+    log(f"[{stage}] done: {store.url(MED_DIR) if store.remote else result['med']}")
     return result

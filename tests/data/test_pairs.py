@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from capfilt.config import PairSource, ReaderConfig, WorldConfig
-from capfilt.data.pairs import PairCounts, PairReader, caption_corpus, image_id, pair_files, read_pairs, write_pairs
+from capfilt.data.pairs import PairCounts, PairReader, caption_corpus, image_id, read_pairs
 
 
 @pytest.fixture(scope="module")
@@ -168,15 +168,37 @@ def test_unfinished_capfilt_output_is_refused(tmp_path):
         _read(PairSource(kind="capfilt", path=str(tmp_path)))
 
 
-def test_write_pairs_materialises_once_and_corpus_skips_bad_captions(messy_shard, tmp_path):
+def test_training_reads_units_unchecked_and_the_index_counts_them_once(messy_shard, world, tmp_path):
+    import ray
+
+    from capfilt.data.pairs import PAIRS_INDEX, index_pairs, read_unit_pairs
+
     source = PairSource(kind="shards", reader=ReaderConfig(paths=messy_shard))
-    counts = write_pairs([source], str(tmp_path))
-    files = pair_files(str(tmp_path))
-    assert counts["total"] == 1 and pq.read_table(files[0]).num_rows == 1
-    saved = json.loads((tmp_path / "pairs" / "_counts.json").read_text())
-    assert saved == counts
-    (tmp_path / "pairs" / "_counts.json").write_text(json.dumps({**counts, "marker": 1}))
-    assert write_pairs([source], str(tmp_path))["marker"] == 1  # complete: not read again
+    # Training decodes each image once, where it trains on it: the error page is a pair here (met, counted
+    # and replaced in training); rows with a bad status or caption are not.
+    unit = read_unit_pairs(source, messy_shard)
+    assert unit.column("text").to_pylist() == ["a red circle", "an error page"]
+    assert unit.column("image").to_pylist() == [_jpeg("red"), b"<html>404</html>"]
+    assert read_unit_pairs(source, messy_shard, with_images=False).num_rows == 2
+
+    web = PairSource(kind="shards", reader=ReaderConfig(paths=world.web + "/*.parquet"))
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        index = index_pairs([source, web], str(tmp_path), data_cpus=0.5)
+    finally:
+        if started_here:
+            ray.shutdown()
+    assert index["units"][0] == {"source": 0, "path": messy_shard, "pairs": 2}
+    assert [unit["source"] for unit in index["units"]] == [0, 1, 1, 1]
+    assert index["total"] == sum(unit["pairs"] for unit in index["units"]) == 2 + 9  # world: 10 rows, 1 failed
+    assert index["rejects"] == {"caption_empty": 1, "caption_missing": 1, "status: failed_to_download": 2}
+    assert index["by_source"] == {"web": 11}
+    saved = json.loads((tmp_path / PAIRS_INDEX).read_text())
+    assert saved == index
+    (tmp_path / PAIRS_INDEX).write_text(json.dumps({**index, "marker": 1}))
+    assert index_pairs([source], str(tmp_path))["marker"] == 1  # complete: not read again
 
     # Texts for the tokenizer come without decoding: the error page's caption counts too.
     assert list(caption_corpus([source])) == ["a red circle", "a lost image", "an error page"]

@@ -28,7 +28,8 @@ from capfilt.stages.pretrain import run_pretrain
 args = json.loads(open(sys.argv[1]).read())
 ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
 run_pretrain(TrainConfig(**args["train"]), MedConfig(**args["model"]), args["tokenizer_dir"],
-             [PairSource(**source) for source in args["sources"]], args["out_dir"])
+             [PairSource(**source) for source in args["sources"]], args["out_dir"],
+             storage_options=args.get("storage_options"))
 """
 
 
@@ -176,3 +177,115 @@ def test_killed_pretraining_resumes_from_its_checkpoint_and_learns(ray_cluster, 
     assert again == [f"[pretrain] complete in {out_dir}, skipped"]
     with pytest.raises(OutputConflictError, match="train.lr"):
         run_pretrain(_train(lr=5e-4), _model(), tokenizer_dir, _sources(small_world), str(out_dir))
+
+
+def test_pairs_that_cannot_be_used_in_training_are_counted_and_replaced(ray_cluster, small_world, tokenizer_dir,
+                                                                         tmp_path):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from capfilt.data.pairs import PAIRS_INDEX, index_pairs
+
+    shards = tmp_path / "web"
+    shutil.copytree(small_world.web, shards)
+    corrupt = sum(pq.read_table(path).column("gt_image_status").to_pylist().count("corrupt")
+                  for path in shards.glob("*.parquet"))
+    assert corrupt == 2
+    sources = [PairSource(kind="shards", role="web", reader=ReaderConfig(paths=str(shards / "*.parquet")))]
+    train = _train(steps=6, checkpoint_every=6, max_bad_fraction=0.5, shuffle_shards=3)
+    out_dir = tmp_path / "pretrain"
+    index = index_pairs(sources, str(out_dir))  # the stage reuses it: the shard goes missing after indexing
+    assert index["total"] == 36 - 2  # two rows failed to download; the corrupt ones are met in training
+    gone = next(unit for unit in index["units"] if unit["pairs"] == 4
+                and "corrupt" not in pq.read_table(unit["path"]).column("gt_image_status").to_pylist())
+    os.remove(gone["path"])
+    # A shard that cannot be read when the stage counts the pairs is a named reject (its rows unknown),
+    # not a crash; one gone by then is simply not listed.
+    (shards / "99999.parquet").write_bytes(b"not parquet")
+    recount = index_pairs(sources, str(tmp_path / "recount"))
+    assert recount["total"] == 30 and recount["rejects"]["shard_unreadable"] == 1
+    assert [unit["error"] for unit in recount["units"] if "error" in unit][0].startswith(str(shards / "99999"))
+
+    result = run_pretrain(train, _model(), tokenizer_dir, sources, str(out_dir), log=lambda _: None)
+    bad = result["bad_pairs"]
+    # 48 pairs trained over 34: every pair is met once, some twice.
+    decode_errors = {reason: n for reason, n in bad["by_reason"].items() if reason.startswith("decode_error: ")}
+    assert bad["by_reason"]["shard_unreadable"] == 4 and sum(decode_errors.values()) == 2
+    assert set(bad["by_reason"]) == {"shard_unreadable", *decode_errors}
+    assert bad["pairs"] == 6 and bad["fraction"] == round(6 / 34, 6) and bad["met"] >= 6
+    assert any(gone["path"] in example.get("detail", "") for example in bad["examples"])
+    assert result["steps"] == 6
+
+    # More bad pairs than the run allows stop it, naming the reasons and where they are listed.
+    (tmp_path / "strict").mkdir()
+    shutil.copy(out_dir / PAIRS_INDEX, tmp_path / "strict" / PAIRS_INDEX)
+    with pytest.raises(Exception, match="of the 34 pairs could not be used.*max_bad_fraction 0.1 allows"):
+        run_pretrain(_train(steps=6, checkpoint_every=6, max_bad_fraction=0.1, shuffle_shards=3), _model(),
+                     tokenizer_dir, sources, str(tmp_path / "strict"), log=lambda _: None)
+
+
+def test_a_stage_directory_on_s3_gets_each_checkpoint_and_resumes_on_another_machine(
+        ray_cluster, small_world, tokenizer_dir, tmp_path, s3_server, monkeypatch):
+    from capfilt.models.med import load_med
+    from capfilt.training.store import SCRATCH_ENV, scratch_for
+
+    url = s3_server.url("runs/pretrain")
+    options = s3_server.storage_options
+    args = {"train": _train().model_dump(mode="json"), "model": _model().model_dump(mode="json"),
+            "tokenizer_dir": tokenizer_dir, "sources": [s.model_dump(mode="json") for s in _sources(small_world)],
+            "out_dir": url, "storage_options": options}
+    (tmp_path / "args.json").write_text(json.dumps(args))
+    monkeypatch.setenv(SCRATCH_ENV, str(tmp_path / "machine-a"))
+    mirror_a = scratch_for(url)
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "args.json")], cwd=Path.cwd(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                             env={**os.environ, SCRATCH_ENV: str(tmp_path / "machine-a")})
+
+    def uploaded() -> set[str]:
+        listing = s3_server.client.list_objects_v2(Bucket=s3_server.bucket, Prefix="runs/pretrain/")
+        return {item["Key"][len("runs/pretrain/"):] for item in listing.get("Contents", [])}
+
+    first_state = f"checkpoints/step_{CHECKPOINT_EVERY:08d}/state.json"
+    try:
+        _wait_for(lambda: first_state in uploaded()
+                  and max(_losses(read_log(str(mirror_a / "train_log.jsonl"))), default=0) >= CHECKPOINT_EVERY + 3,
+                  child, 240, "a checkpoint on S3 and training past it")
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait(timeout=30)
+    _wait_until_quiet(mirror_a / "train_log.jsonl", seconds=3.0, timeout_s=60)
+    killed_losses = _losses(read_log(str(mirror_a / "train_log.jsonl")))
+    assert {"_capfilt.json", "_pairs_index.json", "train_log.jsonl"} <= uploaded()
+    assert "_RESULT.json" not in uploaded()
+
+    # Another machine: an empty mirror. It resumes from the newest checkpoint on S3.
+    monkeypatch.setenv(SCRATCH_ENV, str(tmp_path / "machine-b"))
+    messages: list[str] = []
+    result = run_pretrain(_train(), _model(), tokenizer_dir, _sources(small_world), url, log=messages.append,
+                          storage_options=options)
+    resumed = result["resumed_from_step"]
+    assert resumed is not None and resumed % CHECKPOINT_EVERY == 0 and CHECKPOINT_EVERY <= resumed < STEPS
+    assert any(f"resuming from step {resumed}" in message for message in messages)
+    losses = _losses(read_log(str(scratch_for(url) / "train_log.jsonl")))
+    assert sorted(losses) == list(range(1, STEPS + 1))  # the log came along and was rewound
+    overlap = [step for step in killed_losses if step > resumed]
+    assert overlap and all(losses[step] == pytest.approx(killed_losses[step], abs=1e-5) for step in overlap)
+
+    on_s3 = uploaded()
+    assert {"_RESULT.json", "med/med.safetensors", "med/med.json", "train_log.jsonl"} <= on_s3
+    assert not any(name.startswith("checkpoints/") for name in on_s3)
+    assert result["remote"]["med"] == f"{url}/med"
+    assert result["med"].startswith(str(tmp_path / "machine-b")) and load_med(result["med"]).config.vision.image_size == 32
+
+    # A third machine finds it complete and gets the model, without training.
+    monkeypatch.setenv(SCRATCH_ENV, str(tmp_path / "machine-c"))
+    again: list[str] = []
+    found = run_pretrain(_train(), _model(), tokenizer_dir, _sources(small_world), url, log=again.append,
+                         storage_options=options)
+    assert again == [f"[pretrain] complete in {url}, skipped"]
+    assert found["med"].startswith(str(tmp_path / "machine-c")) and load_med(found["med"]) is not None
+    with pytest.raises(OutputConflictError, match="train.lr"):
+        run_pretrain(_train(lr=5e-4), _model(), tokenizer_dir, _sources(small_world), url, storage_options=options)

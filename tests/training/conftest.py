@@ -1,4 +1,4 @@
-"""A MED small enough to train in milliseconds, and a pairs table made from a tiny generated world."""
+"""A MED small enough to train in milliseconds, and the pairs of a tiny generated world as training streams them."""
 
 from __future__ import annotations
 
@@ -20,14 +20,17 @@ def small_med_config(**overrides) -> MedConfig:
 
 
 @pytest.fixture(scope="session")
-def pairs_dir(tmp_path_factory):
-    """A stage-like directory whose pairs/ table holds the human pairs of a tiny world (8 images)."""
-    from capfilt.data.pairs import write_pairs
+def stream_units(tmp_path_factory):
+    """The human pairs of a tiny world (24 images, 6 shards of 4) as training reads them:
+    ``(sources, units)`` with units ``{source, path, pairs}`` as index_pairs records them."""
+    from capfilt.data.pairs import read_unit_pairs, training_units
     from capfilt.data.world import write_world
 
-    root = tmp_path_factory.mktemp("pairs_stage")
-    world = write_world(WorldConfig(seed=1, num_web=0, num_human=8, num_test=0, image_size=32, rows_per_shard=8,
+    root = tmp_path_factory.mktemp("stream")
+    world = write_world(WorldConfig(seed=1, num_web=0, num_human=24, num_test=0, image_size=32, rows_per_shard=4,
                                     failed_rows=0, corrupt_rows=0), str(root / "world"))
-    write_pairs([PairSource(kind="shards", role="human", reader=ReaderConfig(paths=world.human + "/*.parquet"))],
-                str(root))
-    return str(root)
+    sources = [PairSource(kind="shards", role="human", reader=ReaderConfig(paths=world.human + "/*.parquet"))]
+    units = [{"source": unit.source, "path": unit.path,
+              "pairs": read_unit_pairs(sources[unit.source], unit.path, with_images=False).num_rows}
+             for unit in training_units(sources)]
+    return sources, units

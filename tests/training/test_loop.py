@@ -89,7 +89,7 @@ def test_impossible_settings_fail_before_any_worker_starts(tmp_path):
     from capfilt.training.loop import TrainJob, check_job
 
     def job(**train):
-        return TrainJob(config=TrainConfig(**train), out_dir=str(tmp_path), tokenizer_dir="", pair_files=[],
+        return TrainJob(config=TrainConfig(**train), out_dir=str(tmp_path), tokenizer_dir="", sources=[], units=[],
                         model=small_med_config())  # queue of 64
 
     assert check_job(job(batch_size=8), {"CPU": 2.0}) == (small_med_config(), False)
