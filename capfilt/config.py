@@ -494,6 +494,18 @@ class TrainConfig(Section):
         100, gt=0, description="steps between checkpoints (the last step always saves)", json_schema_extra=RUNTIME
     )
     keep_checkpoints: int = Field(2, ge=1, json_schema_extra=RUNTIME)
+    max_restarts: int = Field(
+        3, ge=0, description="a worker, decoding task or node lost mid-run: restarts from the last checkpoint",
+        json_schema_extra=RUNTIME,
+    )
+    record_samples: bool = Field(
+        False, description="audit: each rank appends the stream positions it trained at each step to "
+        "samples.rank{r}.jsonl in the stage directory", json_schema_extra=RUNTIME,
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement of the workers: PACK fills a node first, SPREAD puts them on "
+        "different nodes where it can", json_schema_extra=RUNTIME,
+    )
     # RUNTIME: the data order is a function of (seed, step) alone, so a run may resume on more or fewer workers.
     workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks)", json_schema_extra=RUNTIME)
     cpus_per_worker: float = Field(

@@ -11,10 +11,9 @@ continues exactly where the killed one stopped, whatever the number of workers, 
 of a position is arithmetic: nothing is read or replayed to skip ahead.
 
 Memory is bounded by the window, not the data: a :class:`UnitCache` actor (one per training attempt)
-reads each unit of the windows the ranks are in as a Ray task (image bytes fetched from the input
-shards a row group or tar at a time), keeps the tables in the object store, which every rank and
-decoding task of a node shares, and releases them once every rank has moved on; it reads the next
-window ahead. The trainer holds one integer per unit.
+reads each unit of the windows the ranks are in (image bytes fetched from the input shards a row group
+or tar at a time), keeps the tables in the object store, which every rank and decoding task shares,
+and releases them once every rank has moved on; it reads the next window ahead. The trainer holds one integer per unit.
 
 Each rank streams its own positions through :class:`BatchPrefetcher`: Ray CPU tasks, a few
 micro-batches ahead of the trainer, turn positions into tensors (:func:`make_batch`: decode,
@@ -146,43 +145,53 @@ def read_unit(source_json: str, path: str, expected_pairs: int) -> dict[str, Any
 class UnitCache:
     """Reads the units of the windows the ranks are in (and the next one), once for all ranks of the run.
 
-    A Ray actor: the tables are Ray objects it owns, shared by every rank and decoding task; a unit is
-    released once no rank is in, or about to enter, a window that holds it.
+    A Ray actor (threaded: ``max_concurrency`` above the number of ranks). It reads units in a few
+    threads of its own and puts each table in the object store, where every rank and decoding task
+    shares it; a unit is released once no rank is in, or about to enter, a window that holds it.
+    Reading here rather than in Ray tasks matters on a busy node: a task of another kind than the
+    decoding ones made Ray start a fresh worker process for it (and tear it down after), and those
+    start-ups, a dozen per window, halved the trainer's steps/s for a minute at each window change.
     """
 
     def __init__(self, sources: list[str], units: list[dict[str, Any]], seed: int, shuffle_shards: int,
-                 ranks: int, data_cpus: float):
-        import ray
+                 ranks: int, read_threads: int = 2):
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
 
         self._sources = sources
         self._units = units
         self._plan = StreamPlan([unit["pairs"] for unit in units], seed, shuffle_shards)
-        self._read = ray.remote(num_cpus=data_cpus, max_retries=3)(read_unit)
-        self._refs: dict[int, Any] = {}
+        self._pool = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="capfilt-unit-read")
+        self._lock = threading.Lock()
+        self._tables: dict[int, Any] = {}  # unit -> Future of the ObjectRef of read_unit's result
         self._rank_window = [0] * ranks
 
-    def _ensure(self, window: int) -> None:
-        for unit in self._plan.window_units(window):
-            unit = int(unit)
-            if unit not in self._refs:
-                entry = self._units[unit]
-                self._refs[unit] = self._read.remote(self._sources[entry["source"]], entry["path"], entry["pairs"])
+    def _read(self, unit: int):
+        import ray
+
+        entry = self._units[unit]
+        return ray.put(read_unit(self._sources[entry["source"]], entry["path"], entry["pairs"]))
 
     def tables(self, rank: int, windows: list[int]) -> dict[int, Any]:
         """Object refs of the units of ``windows`` (the windows one micro-batch of ``rank`` touches)."""
-        self._rank_window[rank] = max(self._rank_window[rank], min(windows))
-        for window in (*windows, max(windows) + 1):  # the next window is read ahead
-            self._ensure(window)
-        oldest = min(self._rank_window)
-        keep = {int(unit) for window in range(oldest, max(max(self._rank_window), max(windows)) + 2)
-                for unit in self._plan.window_units(window)}
-        for unit in [unit for unit in self._refs if unit not in keep]:
-            del self._refs[unit]
-        return {int(unit): self._refs[int(unit)] for window in windows for unit in self._plan.window_units(window)}
+        with self._lock:
+            self._rank_window[rank] = max(self._rank_window[rank], min(windows))
+            for window in (*windows, max(windows) + 1):  # the next window is read ahead
+                for unit in self._plan.window_units(window):
+                    if int(unit) not in self._tables:
+                        self._tables[int(unit)] = self._pool.submit(self._read, int(unit))
+            keep = {int(unit) for window in range(min(self._rank_window), max(*self._rank_window, *windows) + 2)
+                    for unit in self._plan.window_units(window)}
+            for unit in [unit for unit in self._tables if unit not in keep]:
+                del self._tables[unit]
+            wanted = {int(unit): self._tables[int(unit)] for window in windows
+                      for unit in self._plan.window_units(window)}
+        return {unit: future.result() for unit, future in wanted.items()}
 
     def held(self) -> int:
         """Units whose tables the actor holds now (for tests and benchmarks)."""
-        return len(self._refs)
+        with self._lock:
+            return len(self._tables)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -196,6 +196,7 @@ def _build_med(spec: WorkerSpec, config: TrainConfig, tokenizer):
 
 
 BAD_PAIRS_GLOB = "bad_pairs.rank*.jsonl"
+SAMPLES_GLOB = "samples.rank*.jsonl"  # TrainConfig.record_samples
 
 
 class BadPairs:
@@ -292,6 +293,7 @@ def train_loop_per_worker(spec_dict: dict) -> None:
     cache = ray.get_actor(spec.stream["cache"])
     batches = BatchPrefetcher(positions, config.micro_batch, plan, cache, rank, spec.data, config.data_cpus)
     bad = BadPairs(spec, config, rank)
+    samples_path = str(Path(spec.log_path).parent / SAMPLES_GLOB.replace("*", str(rank)))
     meter = _Meter(spec.start_step)
     last_metrics: dict[str, Any] = {}
     med.train()
@@ -302,6 +304,9 @@ def train_loop_per_worker(spec_dict: dict) -> None:
             batch = next(batches)
             bad.add(batch["bad"], step)
             micro.append(model_inputs(batch, device))
+            if config.record_samples:
+                _append(samples_path, {"step": step, "rank": rank, "attempt": spec.attempt,
+                                       "positions": batch["position"].tolist()})
         lr, alpha = lr_at(step, config), alpha_at(step, med_config)
         losses = train_step(model, optimizer, micro, lr=lr, alpha=alpha, objectives=objectives,
                             prompt_length=prompt_length, autocast=autocast)
@@ -464,13 +469,90 @@ def _emit_new(path: str, offset: int, name: str, total: int, log: Callable[[str]
     return offset
 
 
-def train(job: TrainJob, log: Callable[[str], None] = print, on_poll: Callable[[], Any] | None = None) -> dict[str, Any]:
-    """Run (or resume, or find finished) the training job; returns the final checkpoint and what ran.
+def lost_workers(error: BaseException) -> str | None:
+    """What was lost when ``error`` comes from a training worker, a decoding task or the unit cache
+    dying with its process or node (worth a restart from the last checkpoint); None for an error the
+    code raised, which a restart would only raise again."""
+    import ray.exceptions
+    from ray.train import WorkerGroupError
 
-    ``on_poll`` is called about twice a second while training runs (the stage uploads new checkpoints)."""
+    dead = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.NodeDiedError,
+            ray.exceptions.WorkerCrashedError)
+    if isinstance(error, WorkerGroupError):
+        failures = error.worker_failures.values()
+        lost = [failure for failure in failures
+                if isinstance(failure, dead) or type(failure).__name__ == "WorkerHealthCheckFailedError"
+                or isinstance(getattr(failure, "cause", None), dead)]
+        if lost:
+            return f"{len(lost)} worker(s) ({type(lost[0]).__name__})"
+        return None
+    return type(error).__name__ if isinstance(error, dead) else None
+
+
+def _run_attempt(job: TrainJob, med_config: MedConfig, use_gpu: bool, root: Path, log_path: str,
+                 found: tuple[int, Path] | None, log: Callable[[str], None], on_poll) -> None:
+    """One Ray Train run from the checkpoint ``found`` (or from the start) to the last step."""
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from capfilt.training.data import UnitCache
+
+    config = job.config
+    start_step = found[0] if found else 0
+    attempt = ckpt.next_attempt(root)
+    ckpt.set_current_attempt(root, attempt)  # from now on an earlier run's workers stop writing
+    ckpt.prune(root, keep=found[1] if found else None)
+    _rewind_log(log_path, start_step)
+    offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
+    _append(log_path, {"event": "start", "step": start_step, "attempt": attempt, "time": time.time(),
+                       "resumed_from": str(found[1]) if found else None})
+    log(f"[{job.name}] {'resuming from step ' + str(start_step) if found else 'starting'}: "
+        f"{config.steps} steps of {config.batch_size} pairs on {config.workers} worker(s)"
+        f"{' with GPUs' if use_gpu else ''}; checkpoints in {root / attempt}")
+
+    udf_kwargs = {"tokenizer_dir": str(job.tokenizer_dir), "image_size": med_config.vision.image_size,
+                  "image_config_json": config.image.model_dump_json(), "max_text_length": config.max_text_length,
+                  "prompt": config.prompt, "seed": config.seed}
+    cache_name = f"capfilt-units-{job.fingerprint[:12] or 'train'}-{attempt}-{os.getpid()}"
+    cache = ray.remote(UnitCache).options(name=cache_name, num_cpus=0, max_concurrency=config.workers + 2).remote(
+        [source.model_dump_json() for source in job.sources], job.units, config.seed,
+        config.shuffle_shards, config.workers)
+    spec = WorkerSpec(
+        config=config.model_dump(mode="json"), tokenizer_dir=str(job.tokenizer_dir), log_path=log_path,
+        start_step=start_step, checkpoints=str(root), attempt=attempt,
+        model=job.model.model_dump(mode="json") if job.model is not None else None, init_med=job.init_med,
+        resume=str(found[1]) if found else None, fingerprint=job.fingerprint, data=udf_kwargs,
+        stream={"unit_pairs": [unit["pairs"] for unit in job.units], "cache": cache_name},
+    )
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=asdict(spec),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": config.cpus_per_worker},
+                                               placement_strategy=config.placement_strategy),
+        run_config=ray.train.RunConfig(
+            name=attempt, storage_path=str(root),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
+            # Restarts are the driver's (train): each resumes from the checkpoint it chooses, as a new attempt.
+            failure_config=ray.train.FailureConfig(max_failures=0),
+        ),
+    )
+    try:
+        _fit_following(trainer, log_path, offset, job.name, config.steps, log, on_poll)
+    finally:
+        ray.kill(cache)
+
+
+def train(job: TrainJob, log: Callable[[str], None] = print, on_poll: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Run (or resume, or find finished) the training job; returns the final checkpoint and what ran.
+
+    ``on_poll`` is called about twice a second while training runs (the stage uploads new checkpoints).
+    A worker, decoding task or node lost mid-run (``lost_workers``) restarts the run from its last
+    checkpoint, up to ``max_restarts`` times: the data of each step is fixed by (seed, step), so the
+    restarted run trains the same samples in the same steps."""
+    import ray
 
     config = job.config
     if not ray.is_initialized():
@@ -484,55 +566,25 @@ def train(job: TrainJob, log: Callable[[str], None] = print, on_poll: Callable[[
     if start_step > config.steps:
         raise ValueError(f"{root}: holds a checkpoint of step {start_step}, beyond steps {config.steps}")
     started = time.time()
-    if start_step < config.steps:
-        attempt = ckpt.next_attempt(root)
-        ckpt.set_current_attempt(root, attempt)  # from now on an earlier run's workers stop writing
-        ckpt.prune(root, keep=found[1] if found else None)
-        _rewind_log(log_path, start_step)
-        offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
-        _append(log_path, {"event": "start", "step": start_step, "attempt": attempt, "time": time.time(),
-                           "resumed_from": str(found[1]) if found else None})
-        log(f"[{job.name}] {'resuming from step ' + str(start_step) if found else 'starting'}: "
-            f"{config.steps} steps of {config.batch_size} pairs on {config.workers} worker(s)"
-            f"{' with GPUs' if use_gpu else ''}; checkpoints in {root / attempt}")
-
-        image_config = config.image.model_dump_json()
-        udf_kwargs = {"tokenizer_dir": str(job.tokenizer_dir), "image_size": med_config.vision.image_size,
-                      "image_config_json": image_config, "max_text_length": config.max_text_length,
-                      "prompt": config.prompt, "seed": config.seed}
-        from capfilt.training.data import UnitCache
-
-        cache_name = f"capfilt-units-{job.fingerprint[:12] or 'train'}-{attempt}-{os.getpid()}"
-        cache = ray.remote(UnitCache).options(name=cache_name, num_cpus=0).remote(
-            [source.model_dump_json() for source in job.sources], job.units, config.seed,
-            config.shuffle_shards, config.workers, config.data_cpus)
-        spec = WorkerSpec(
-            config=config.model_dump(mode="json"), tokenizer_dir=str(job.tokenizer_dir), log_path=log_path,
-            start_step=start_step, checkpoints=str(root), attempt=attempt,
-            model=job.model.model_dump(mode="json") if job.model is not None else None, init_med=job.init_med,
-            resume=str(found[1]) if found else None, fingerprint=job.fingerprint, data=udf_kwargs,
-            stream={"unit_pairs": [unit["pairs"] for unit in job.units], "cache": cache_name},
-        )
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=asdict(spec),
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
-                                                   resources_per_worker={"CPU": config.cpus_per_worker}),
-            run_config=ray.train.RunConfig(
-                name=attempt, storage_path=str(root),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
-                failure_config=ray.train.FailureConfig(max_failures=0),
-            ),
-        )
+    restarts = 0
+    while True:
+        found = ckpt.latest(root)
+        if found is not None and found[0] >= config.steps:
+            break
         try:
-            _fit_following(trainer, log_path, offset, job.name, config.steps, log, on_poll)
-        finally:
-            ray.kill(cache)
+            _run_attempt(job, med_config, use_gpu, root, log_path, found, log, on_poll)
+            break
+        except Exception as error:  # noqa: BLE001 -- re-raised unless a worker or its node was lost
+            lost = lost_workers(error)
+            if not lost or restarts >= config.max_restarts:
+                raise
+            restarts += 1
+            log(f"[{job.name}] lost {lost}; restarting from the last checkpoint "
+                f"(restart {restarts} of at most {config.max_restarts})")
     final = ckpt.latest(root)
     if final is None or final[0] != config.steps:
         raise RuntimeError(f"{root}: training ended without a checkpoint of step {config.steps} (found {final})")
     return {"checkpoint": str(final[1]), "steps": config.steps, "start_step": start_step,
-            "seconds": round(time.time() - started, 1), "log": log_path,
+            "seconds": round(time.time() - started, 1), "log": log_path, "restarts": restarts,
             "bad_pairs": bad_pairs_summary(Path(job.out_dir).resolve(), config.steps * config.batch_size,
                                            sum(unit["pairs"] for unit in job.units))}

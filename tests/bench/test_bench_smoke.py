@@ -101,6 +101,23 @@ def test_memory_measures_driver_actors_and_readers_per_size():
     assert isinstance(result["within_target"], bool) and result["growth_target"] == 0.15
 
 
+def test_train_stream_measures_every_training_process_per_size(tmp_path):
+    result = _run_script("train_stream.py", "--sizes", "200", "400", "--demo-pairs", "200", "--steps", "6",
+                         "--rows-per-shard", "100", "--base-rows", "200", "--baseline-commit", "none", "--rate-repeats", "1",
+                         "--work-dir", str(tmp_path), timeout=600)
+    assert result["benchmark"] == "train_stream"
+    assert set(result["runs"]) == {"demo_streaming", "streaming_200", "streaming_400"}
+    for run in result["runs"].values():
+        assert run["steps"] == 6 and run["steps_per_s_steady"] > 0
+        for role in ("driver", "trainer", "data_tasks", "unit_cache"):
+            assert run["memory"][role]["peak_anon_mb"] > 0, role
+    assert result["runs"]["streaming_400"]["pairs"] == 2 * result["runs"]["streaming_200"]["pairs"]
+    assert result["runs"]["streaming_400"]["units"] == 4
+    assert "trainer.peak_anon_mb" in result["memory_growth_streaming"]
+    assert isinstance(result["targets"]["private_memory_growth_met"], bool)
+    assert result["targets"]["step_rate_met"] is None and "no in-memory runs" not in json.dumps(result["notes"])
+
+
 def test_gpu_benchmark_runs_tiny_on_cpu_without_ray():
     result = _run_script("gpu.py", "--tiny", "--seconds", "0.6", "--ks", "1,2", "--no-itc-similarity")
     assert result["benchmark"] == "gpu"

@@ -289,3 +289,71 @@ def test_a_stage_directory_on_s3_gets_each_checkpoint_and_resumes_on_another_mac
     assert found["med"].startswith(str(tmp_path / "machine-c")) and load_med(found["med"]) is not None
     with pytest.raises(OutputConflictError, match="train.lr"):
         run_pretrain(_train(lr=5e-4), _model(), tokenizer_dir, _sources(small_world), url, storage_options=options)
+
+
+def _descendants_named(marker: str) -> list[int]:
+    """Our own processes (this test's Ray cluster) whose command line has ``marker``."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="utf-8") as handle:
+                    parents[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    ours, frontier = set(), [os.getpid()]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        ours.update(children)
+        frontier.extend(children)
+    found = []
+    for pid in ours:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                if marker.encode() in handle.read():
+                    found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def test_a_training_worker_lost_mid_run_restarts_from_the_last_checkpoint(ray_cluster, small_world, tokenizer_dir,
+                                                                          tmp_path):
+    import threading
+
+    out_dir = tmp_path / "pretrain"
+    log_path = out_dir / "train_log.jsonl"
+    killed: dict = {}
+
+    def kill_the_worker_past_a_checkpoint():
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            records = read_log(str(log_path))
+            checkpoints = [r["step"] for r in records if r.get("event") == "checkpoint"]
+            if checkpoints and max(_losses(records), default=0) >= checkpoints[-1] + 3:
+                for pid in _descendants_named("RayTrainWorker"):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.update(pid=pid, losses=_losses(records))
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_worker_past_a_checkpoint, daemon=True)
+    killer.start()
+    messages: list[str] = []
+    result = run_pretrain(_train(), _model(), tokenizer_dir, _sources(small_world), str(out_dir),
+                          log=messages.append)
+    killer.join(timeout=5)
+
+    assert killed, "the training worker was never found to kill"
+    assert result["steps"] == STEPS and Path(result["med"]).is_dir()
+    assert any("lost 1 worker(s)" in message and "restarting from the last checkpoint" in message
+               for message in messages), messages
+    records = read_log(str(log_path))
+    starts = [r["step"] for r in records if r.get("event") == "start"]
+    assert len(starts) == 2 and starts[0] == 0 and starts[1] % CHECKPOINT_EVERY == 0 and starts[1] > 0
+    losses = _losses(records)
+    assert sorted(losses) == list(range(1, STEPS + 1))  # the same final step count, each step once
+    # The restarted run trains the same samples in each step: the steps both ran agree exactly.
+    overlap = [step for step in killed["losses"] if step > starts[1]]
+    assert overlap and all(losses[step] == pytest.approx(killed["losses"][step], abs=1e-5) for step in overlap)

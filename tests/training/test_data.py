@@ -169,8 +169,8 @@ def test_the_prefetcher_reads_each_window_once_and_holds_only_the_windows_in_use
     if started_here:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        cache = ray.remote(UnitCache).options(num_cpus=0).remote(
-            [source.model_dump_json() for source in sources], units, 3, 1, 1, 0.5)
+        cache = ray.remote(UnitCache).options(num_cpus=0, max_concurrency=3).remote(
+            [source.model_dump_json() for source in sources], units, 3, 1, 1)
         plan = StreamPlan([unit["pairs"] for unit in units], seed=3, shuffle_shards=1)
         held = []
         batches = []
