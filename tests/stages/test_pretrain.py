@@ -225,15 +225,22 @@ def test_pairs_that_cannot_be_used_in_training_are_counted_and_replaced(ray_clus
                      tokenizer_dir, sources, str(tmp_path / "strict"), log=lambda _: None)
 
 
-def test_a_stage_directory_on_s3_gets_each_checkpoint_and_resumes_on_another_machine(
+def test_pairs_and_stage_directory_on_s3_train_and_resume_on_another_machine(
         ray_cluster, small_world, tokenizer_dir, tmp_path, s3_server, monkeypatch):
+    from capfilt.data.shards import expand_paths
     from capfilt.models.med import load_med
     from capfilt.training.store import SCRATCH_ENV, scratch_for
 
     url = s3_server.url("runs/pretrain")
     options = s3_server.storage_options
+    # The pairs are read from the bucket too, a unit at a time, by the index tasks and the unit cache.
+    for source in _sources(small_world):
+        for path in expand_paths(source.reader.paths):
+            s3_server.client.upload_file(path, s3_server.bucket, f"shards/{source.role}/{Path(path).name}")
+    on_s3 = [PairSource(kind="shards", role=source.role, reader=ReaderConfig(
+        paths=s3_server.url(f"shards/{source.role}/*.parquet"), storage_options=options)) for source in _sources(small_world)]
     args = {"train": _train().model_dump(mode="json"), "model": _model().model_dump(mode="json"),
-            "tokenizer_dir": tokenizer_dir, "sources": [s.model_dump(mode="json") for s in _sources(small_world)],
+            "tokenizer_dir": tokenizer_dir, "sources": [s.model_dump(mode="json") for s in on_s3],
             "out_dir": url, "storage_options": options}
     (tmp_path / "args.json").write_text(json.dumps(args))
     monkeypatch.setenv(SCRATCH_ENV, str(tmp_path / "machine-a"))
@@ -264,11 +271,13 @@ def test_a_stage_directory_on_s3_gets_each_checkpoint_and_resumes_on_another_mac
     # Another machine: an empty mirror. It resumes from the newest checkpoint on S3.
     monkeypatch.setenv(SCRATCH_ENV, str(tmp_path / "machine-b"))
     messages: list[str] = []
-    result = run_pretrain(_train(), _model(), tokenizer_dir, _sources(small_world), url, log=messages.append,
+    result = run_pretrain(_train(), _model(), tokenizer_dir, on_s3, url, log=messages.append,
                           storage_options=options)
     resumed = result["resumed_from_step"]
     assert resumed is not None and resumed % CHECKPOINT_EVERY == 0 and CHECKPOINT_EVERY <= resumed < STEPS
     assert any(f"resuming from step {resumed}" in message for message in messages)
+    assert result["pairs"]["by_source"]["human"] == 8 and result["pairs"]["units"] == 4
+    assert result["bad_pairs"]["pairs"] == 0
     losses = _losses(read_log(str(scratch_for(url) / "train_log.jsonl")))
     assert sorted(losses) == list(range(1, STEPS + 1))  # the log came along and was rewound
     overlap = [step for step in killed_losses if step > resumed]
@@ -283,12 +292,12 @@ def test_a_stage_directory_on_s3_gets_each_checkpoint_and_resumes_on_another_mac
     # A third machine finds it complete and gets the model, without training.
     monkeypatch.setenv(SCRATCH_ENV, str(tmp_path / "machine-c"))
     again: list[str] = []
-    found = run_pretrain(_train(), _model(), tokenizer_dir, _sources(small_world), url, log=again.append,
+    found = run_pretrain(_train(), _model(), tokenizer_dir, on_s3, url, log=again.append,
                          storage_options=options)
     assert again == [f"[pretrain] complete in {url}, skipped"]
     assert found["med"].startswith(str(tmp_path / "machine-c")) and load_med(found["med"]) is not None
     with pytest.raises(OutputConflictError, match="train.lr"):
-        run_pretrain(_train(lr=5e-4), _model(), tokenizer_dir, _sources(small_world), url, storage_options=options)
+        run_pretrain(_train(lr=5e-4), _model(), tokenizer_dir, on_s3, url, storage_options=options)
 
 
 def _descendants_named(marker: str) -> list[int]:
