@@ -283,9 +283,9 @@ def test_pairs_and_stage_directory_on_s3_train_and_resume_on_another_machine(
     overlap = [step for step in killed_losses if step > resumed]
     assert overlap and all(losses[step] == pytest.approx(killed_losses[step], abs=1e-5) for step in overlap)
 
-    on_s3 = uploaded()
-    assert {"_RESULT.json", "med/med.safetensors", "med/med.json", "train_log.jsonl"} <= on_s3
-    assert not any(name.startswith("checkpoints/") for name in on_s3)
+    stage_files = uploaded()
+    assert {"_RESULT.json", "med/med.safetensors", "med/med.json", "train_log.jsonl"} <= stage_files
+    assert not any(name.startswith("checkpoints/") for name in stage_files)
     assert result["remote"]["med"] == f"{url}/med"
     assert result["med"].startswith(str(tmp_path / "machine-b")) and load_med(result["med"]).config.vision.image_size == 32
 
