@@ -13,8 +13,13 @@ Nothing is dropped silently: each input row becomes pairs or is counted under a 
 (:class:`PairCounts`). Image problems (``status: ...``, ``decode_error: ...``) count rows; caption
 problems (``caption_missing``, ``caption_empty``, ...) count texts, since with ``use_all_references``
 a row has several. Reading goes one unit at a time (an input shard, or one pairs file of a CapFilt
-output), so it streams, and Ray Data can run one read task per unit (:meth:`PairReader.units`,
-:meth:`PairReader.read_unit`).
+output), so it streams (:meth:`PairReader.units`, :meth:`PairReader.read_unit`).
+
+Training reads units as :func:`read_unit_pairs` gives them: status- and caption-checked, images not
+decoded (training decodes each one where it trains on it, and counts and replaces one that fails).
+:func:`index_pairs` counts each unit's pairs once, in Ray tasks, without keeping them: the only table a
+training stage keeps is one number per unit (capfilt/training/data.py maps stream positions to pairs
+with it).
 """
 
 from __future__ import annotations

@@ -3,12 +3,13 @@ read from the training sources where they are, a few shards at a time.
 
 The stream (:class:`StreamPlan`) is a function of (seed, position) and of the pairs per unit (an input
 shard or a CapFilt pairs file; counted once by :func:`~capfilt.data.pairs.index_pairs`). Each epoch
-takes the units in a fresh seeded order and cuts it into windows of at most ``shuffle_shards`` units
-(as equal as they divide); the pairs of a window are trained in a seeded permutation of all of them, then the next window follows.
-Epochs follow one another without a gap, step ``s`` takes global positions
-``[s * batch, (s + 1) * batch)`` and rank ``r`` the r-th slice of it. So a run resumed at step ``s``
-continues exactly where the killed one stopped, whatever the number of workers, and finding the pair
-of a position is arithmetic: nothing is read or replayed to skip ahead.
+deals the units, shuffled, to windows of at most ``shuffle_shards`` units (each source's shards spread
+over the windows in turn, so every window holds a share of every source); the pairs of a window are
+trained in a seeded permutation of all of them, then the next window follows. Epochs follow one
+another without a gap, step ``s`` takes global positions ``[s * batch, (s + 1) * batch)`` and rank
+``r`` the r-th slice of it. So a run resumed at step ``s`` continues exactly where the killed one
+stopped, whatever the number of workers, and finding the pair of a position is arithmetic: nothing
+is read or replayed to skip ahead.
 
 Memory is bounded by the window, not the data: a :class:`UnitCache` actor (one per training attempt)
 reads each unit of the windows the ranks are in (image bytes fetched from the input shards a row group
@@ -58,26 +59,37 @@ class StreamPlan:
     image bytes in the object store at once).
     """
 
-    def __init__(self, unit_pairs: Sequence[int], seed: int, shuffle_shards: int):
+    def __init__(self, unit_pairs: Sequence[int], seed: int, shuffle_shards: int,
+                 unit_groups: Sequence[int] | None = None):
         self.unit_pairs = np.asarray(unit_pairs, dtype=np.int64)
+        self.unit_groups = np.zeros(len(self.unit_pairs), dtype=np.int64) if unit_groups is None else \
+            np.asarray(unit_groups, dtype=np.int64)
         self.seed = seed
         self.total = int(self.unit_pairs.sum())
         if self.total <= 0:
             raise ValueError("the training stream has no pairs")
         units = len(self.unit_pairs)
         self.windows_per_epoch = -(-units // shuffle_shards) if 0 < shuffle_shards < units else 1
-        # Windows of (nearly) equal numbers of units: 10 units at 8 per window make two windows of 5,
-        # not a second window of 2 whose pairs would be trained on apart from the rest.
-        self._bounds = np.linspace(0, units, self.windows_per_epoch + 1).round().astype(np.int64)
-        self._epochs: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._epochs: OrderedDict[int, tuple[list[np.ndarray], np.ndarray]] = OrderedDict()
         self._windows: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
 
-    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """The epoch's unit order and the stream offset (within the epoch) where each window starts."""
+    def _epoch(self, epoch: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """The epoch's windows (their units) and the stream offset (within the epoch) where each starts.
+
+        Each group's units (a training source's shards) are shuffled, then dealt to the windows in
+        turn, so every window holds a share of every source and windows differ by one unit at most:
+        a human set in two shards beside eight web shards puts one human shard in each of two
+        windows, never both in one, which would leave the other window's steps without human pairs.
+        """
         if epoch not in self._epochs:
-            order = np.random.default_rng(derived_seed("units", self.seed, epoch)).permutation(len(self.unit_pairs))
-            sizes = [int(self.unit_pairs[order[start:stop]].sum()) for start, stop in zip(self._bounds, self._bounds[1:])]
-            self._epochs[epoch] = (order, np.concatenate([[0], np.cumsum(sizes)]))
+            rng = np.random.default_rng(derived_seed("units", self.seed, epoch))
+            dealt = np.concatenate([rng.permutation(np.flatnonzero(self.unit_groups == group))
+                                    for group in np.unique(self.unit_groups)])
+            first = int(rng.integers(self.windows_per_epoch))
+            slots = (first + np.arange(len(dealt))) % self.windows_per_epoch
+            windows = [dealt[slots == index] for index in range(self.windows_per_epoch)]
+            sizes = [int(self.unit_pairs[units].sum()) for units in windows]
+            self._epochs[epoch] = (windows, np.concatenate([[0], np.cumsum(sizes)]))
             while len(self._epochs) > 2:
                 self._epochs.popitem(last=False)
         return self._epochs[epoch]
@@ -85,8 +97,7 @@ class StreamPlan:
     def window_units(self, window: int) -> np.ndarray:
         """The units of global window ``window`` (epoch * windows_per_epoch + index within the epoch)."""
         epoch, index = divmod(window, self.windows_per_epoch)
-        order, _ = self._epoch(epoch)
-        return order[self._bounds[index] : self._bounds[index + 1]]
+        return self._epoch(epoch)[0][index]
 
     def _window(self, window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The window's units, where each unit's pairs start among the window's, and its permutation."""
@@ -160,7 +171,8 @@ class UnitCache:
 
         self._sources = sources
         self._units = units
-        self._plan = StreamPlan([unit["pairs"] for unit in units], seed, shuffle_shards)
+        self._plan = StreamPlan([unit["pairs"] for unit in units], seed, shuffle_shards,
+                                [unit["source"] for unit in units])
         self._pool = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="capfilt-unit-read")
         self._lock = threading.Lock()
         self._tables: dict[int, Any] = {}  # unit -> Future of the ObjectRef of read_unit's result

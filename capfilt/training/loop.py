@@ -289,7 +289,7 @@ def train_loop_per_worker(spec_dict: dict) -> None:
     prompt_length = prompt_length_of(tokenizer, config.prompt)
 
     positions = rank_positions(spec.start_step, config.steps, config.batch_size, config.workers, rank)
-    plan = StreamPlan(spec.stream["unit_pairs"], config.seed, config.shuffle_shards)
+    plan = StreamPlan(spec.stream["unit_pairs"], config.seed, config.shuffle_shards, spec.stream["unit_groups"])
     cache = ray.get_actor(spec.stream["cache"])
     batches = BatchPrefetcher(positions, config.micro_batch, plan, cache, rank, spec.data, config.data_cpus)
     bad = BadPairs(spec, config, rank)
@@ -523,7 +523,8 @@ def _run_attempt(job: TrainJob, med_config: MedConfig, use_gpu: bool, root: Path
         start_step=start_step, checkpoints=str(root), attempt=attempt,
         model=job.model.model_dump(mode="json") if job.model is not None else None, init_med=job.init_med,
         resume=str(found[1]) if found else None, fingerprint=job.fingerprint, data=udf_kwargs,
-        stream={"unit_pairs": [unit["pairs"] for unit in job.units], "cache": cache_name},
+        stream={"unit_pairs": [unit["pairs"] for unit in job.units],
+                "unit_groups": [unit["source"] for unit in job.units], "cache": cache_name},
     )
     trainer = TorchTrainer(
         train_loop_per_worker,

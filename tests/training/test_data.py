@@ -49,6 +49,19 @@ def test_each_epoch_visits_every_pair_once_a_window_of_shards_at_a_time():
     assert StreamPlan(unit_pairs, seed=8, shuffle_shards=2).locate(np.arange(total))[1].tolist() != units[:total].tolist()
 
 
+def test_every_window_holds_a_share_of_every_source():
+    # Eight web shards and a human set of two: each of the two windows gets one human shard, every epoch.
+    groups = [0] * 8 + [1] * 2
+    plan = StreamPlan([10] * 10, seed=0, shuffle_shards=8, unit_groups=groups)
+    assert plan.windows_per_epoch == 2
+    for window in range(2 * 20):
+        units = plan.window_units(window).tolist()
+        assert len(units) == 5 and sum(groups[unit] for unit in units) == 1, (window, units)
+    # Still every pair once per epoch.
+    _, units, ordinals = plan.locate(np.arange(100))
+    assert sorted(zip(units.tolist(), ordinals.tolist())) == [(u, o) for u in range(10) for o in range(10)]
+
+
 def test_shuffle_shards_0_is_one_global_permutation_per_epoch():
     plan = StreamPlan([4, 4, 4, 4], seed=1, shuffle_shards=0)
     windows, units, _ = plan.locate(np.arange(32))
