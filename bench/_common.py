@@ -395,3 +395,16 @@ class MemorySampler(threading.Thread):
             for t, sums in self.timeline[::step]
         ]
         return report
+
+
+def memory_growth(small: dict[str, Any], large: dict[str, Any], roles: Iterable[str],
+                  measures: Iterable[str]) -> dict[str, float]:
+    """Relative growth of each role's peaks (``run["memory"][role][measure]``) from the small run to the large one."""
+    table = {}
+    for role in roles:
+        for measure in measures:
+            before = small["memory"].get(role, {}).get(measure)
+            after = large["memory"].get(role, {}).get(measure)
+            if before and after is not None:
+                table[f"{role}.{measure}"] = round(after / before - 1.0, 4)
+    return table

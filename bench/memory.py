@@ -66,14 +66,8 @@ def child(args) -> dict[str, Any]:
 
 def growth(small: dict[str, Any], large: dict[str, Any]) -> dict[str, Any]:
     """Relative growth of each peak from the small run to the large one."""
-    table = {}
-    for role in ("driver", "actors", "read_tasks"):
-        for measure in ("peak_rss_mb", "peak_sum_rss_mb", "peak_anon_mb", "peak_shmem_mb"):
-            before = small["memory"].get(role, {}).get(measure)
-            after = large["memory"].get(role, {}).get(measure)
-            if before and after is not None:
-                table[f"{role}.{measure}"] = round(after / before - 1.0, 4)
-    return table
+    return common.memory_growth(small, large, ("driver", "actors", "read_tasks"),
+                                ("peak_rss_mb", "peak_sum_rss_mb", "peak_anon_mb", "peak_shmem_mb"))
 
 
 def parse_args(argv=None):

@@ -123,14 +123,7 @@ def baseline_tree(commit: str, work: Path) -> str:
 
 
 def growth(small: dict[str, Any], large: dict[str, Any]) -> dict[str, float]:
-    table = {}
-    for role in ROLES:
-        for measure in ("peak_anon_mb", "peak_rss_mb"):
-            before = small["memory"].get(role, {}).get(measure)
-            after = large["memory"].get(role, {}).get(measure)
-            if before and after is not None:
-                table[f"{role}.{measure}"] = round(after / before - 1.0, 4)
-    return table
+    return common.memory_growth(small, large, ROLES, ("peak_anon_mb", "peak_rss_mb"))
 
 
 def parse_args(argv=None):
@@ -192,10 +185,8 @@ def main(argv=None) -> None:
     runs: dict[str, Any] = {}
     # Step rate: the two loaders alternate, so load from elsewhere on the machine falls on both alike.
     rates: dict[str, list[float]] = {"streaming": [], "in_memory": []}
-    for repeat in range(args.rate_repeats):
+    for repeat in range(args.rate_repeats if old_root else 0):  # nothing to compare with: memory only
         for loader, root in (("streaming", None), ("in_memory", old_root)):
-            if loader == "in_memory" and not old_root:
-                continue
             label = f"demo_{loader}" + (f"_{repeat + 1}" if repeat else "")
             runs[label] = run_child(label, spec(label, args.demo_pairs, loader == "streaming"), work,
                                     args.num_cpus, root)
