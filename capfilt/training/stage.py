@@ -156,7 +156,7 @@ def run_training_stage(
     if record is not None and record.get("hash") == config_hash(inputs):
         result = record["result"]
         if store.remote:  # another machine's mirror, or none: bring the models here
-            store.pull((), tuple(result.get("outputs", {})))
+            store.pull((), tuple(result.get("outputs", {}).values()))
             result.update({name: str(out / relative) for name, relative in result.get("outputs", {}).items()})
         log(f"[{stage}] complete in {out_dir}, skipped")
         return result
