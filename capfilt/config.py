@@ -281,6 +281,13 @@ class ReaderConfig(Section):
     webdataset_sidecar: bool = Field(
         True, description="webdataset: add the failed rows img2dataset keeps only in the {shard}.parquet beside the tar"
     )
+    read_retries: int = Field(
+        3, ge=0, description="retries of a shard (or folder image) whose storage fails: network, timeout, throttling",
+        json_schema_extra=RUNTIME,
+    )
+    retry_backoff_s: float = Field(
+        1.0, ge=0.0, description="seconds before the first retry; doubled for each next one", json_schema_extra=RUNTIME
+    )
 
 
 class ImageConfig(Section):
@@ -442,6 +449,32 @@ class PairSource(Section):
         if self.kind == "capfilt" and self.use_all_references:
             raise ValueError("use_all_references needs raw shards with a 'captions' column, not a CapFilt output")
         return self
+
+
+class ExportConfig(Section):
+    """A CapFilt output handed to other trainers: WebDataset tars or Parquet, images inline (capfilt/stages/export.py)."""
+
+    format: Literal["webdataset", "parquet"] = Field(
+        "webdataset", description="webdataset: img2dataset's tars with a .parquet index beside each; parquet: img2dataset's "
+        "columns with the image bytes inline, plus capfilt's"
+    )
+    sources: list[PairSourceName] | None = Field(None, description="export pairs of these sources only; None: all")
+    group_by: Literal["text", "image"] = Field(
+        "text", description="text: one sample per kept text; image: one sample per image with all its kept texts "
+        "(the best-scoring one as its caption)"
+    )
+    min_score: float | None = Field(
+        None, ge=0.0, le=1.0, description="export texts with itm_prob at least this; texts without a score (human) pass"
+    )
+    samples_per_shard: int = Field(10000, gt=0, description="samples per output shard (img2dataset's number_sample_per_shard)")
+    image_column: str = Field("jpg", description="parquet: the image bytes column (img2dataset names it by format)")
+    input_storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for the input shards the pairs refer to", json_schema_extra=RUNTIME
+    )
+    output_storage_options: dict[str, Any] = Field(default_factory=dict, json_schema_extra=RUNTIME)
+    tasks_in_flight: int = Field(
+        0, ge=0, description="export shards written at once; 0: one per cluster CPU", json_schema_extra=RUNTIME
+    )
 
 
 class TokenizerConfig(Section):
@@ -652,6 +685,10 @@ class CapFiltConfig(Section):
     )
     round: int = Field(0, ge=0, description="bootstrapping round; part of every row's sampling seed")
     embed_images: bool = Field(False, description="write image bytes into pairs; default: a shard + row reference")
+    max_unreadable_fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="fail the stage (after committing what it read) when more of the input "
+        "shards than this could not be read in full", json_schema_extra=RUNTIME,
+    )
     batch_size: int = Field(32, gt=0, description="images per actor call", json_schema_extra=RUNTIME)
     decode_batch_size: int = Field(64, gt=0, description="images per CPU decode batch", json_schema_extra=RUNTIME)
     max_pixels: int = Field(ImageConfig.model_fields["max_pixels"].default, gt=0, description="decompression-bomb limit")
@@ -665,7 +702,14 @@ class CapFiltConfig(Section):
         1.0, gt=0.0, description="on CPU-only clusters, and host CPUs beside a GPU", json_schema_extra=RUNTIME
     )
     reserve_cpus_for_reading: float = Field(
-        1.0, ge=0.0, description="CPUs the actor pool never takes, so read and decode tasks can run",
+        1.0, ge=0.0, description="CPUs the actor pool never takes, so read and decode tasks can run "
+        "(on GPU clusters too: the actors' host CPUs leave this many free)",
+        json_schema_extra=RUNTIME,
+    )
+    wait_for_resources_s: float = Field(
+        600.0, ge=0.0,
+        description="when the cluster has no room yet for one actor (or for `actors` of them) and the CPUs reserved "
+        "for reading, ask Ray's autoscaler for them and wait this long before failing (0: fail at once)",
         json_schema_extra=RUNTIME,
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
@@ -778,16 +822,29 @@ class PipelineConfig(Section):
         return self
 
 
-def load_pipeline(path: str) -> PipelineConfig:
-    """Read a pipeline YAML (safely) and validate it; errors name every offending key."""
+def load_pipeline(path: str, storage_options: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read a pipeline YAML (safely) and validate it; errors name every offending key.
+
+    ``path`` is a local file or an fsspec URL (``s3://bucket/pipeline.yaml``, ``gs://...``), opened with
+    ``storage_options`` (default: none, so the backend finds its own, e.g. s3fs the ``AWS_*`` variables).
+    Paths inside the file are not resolved against its folder: a relative data path or ``run_dir`` (and
+    the default ``runs/<name>``) is relative to the working directory of the process that runs it.
+    """
+    import fsspec
     import yaml
     from pydantic import ValidationError
 
-    with open(path, encoding="utf-8") as handle:
-        try:
-            data = yaml.safe_load(handle) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    try:
+        with fsspec.open(path, "rt", encoding="utf-8", **(storage_options or {})) as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as error:  # a directory, no permission, an unreachable bucket
+        raise ConfigError(f"{path}: cannot be read: {error}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     try:

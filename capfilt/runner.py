@@ -16,9 +16,11 @@ The pipeline YAML names sections; the runner expands them into the paper's loop 
 
 A stage run is a function ``(run, step) -> outputs`` writing under its own directory. Its completion
 record (``<dir>/_STAGE.json``: a hash of its section and inputs, and its outputs) is written last: a
-stage whose record matches is skipped, one whose configuration changed is refused, so artifacts of two
-configurations never mix. Stages with their own resume (training checkpoints, CapFilt commits) are
-called again when unfinished and redo only what is missing.
+stage whose record matches is skipped, one whose configuration changed is refused, and so is a complete
+stage made from a stage that would be redone (its directory deleted), so artifacts of two configurations
+never mix. Nothing is redone automatically: the user deletes those directories or picks a new run dir.
+Stages with their own resume (training checkpoints, CapFilt commits) are called again when unfinished
+and redo only what is missing.
 """
 
 from __future__ import annotations
@@ -132,6 +134,9 @@ def _shard_sources(run: Run, splits: tuple[str, ...]):
 def _tokenizer(run: Run, step: Step) -> dict[str, Any]:
     from capfilt.stages.pretrain import prepare_tokenizer
 
+    if "://" in run.root:
+        raise ValueError(f"{run.root}: the tokenizer stage writes a local directory, not a URL: a pipeline that trains "
+                         "needs a run_dir on a filesystem (local or shared)")
     out_dir = run.stage_dir(step.name)
     return {"tokenizer": str(prepare_tokenizer(step.section, _shard_sources(run, ("human", "web")), out_dir))}
 
@@ -193,7 +198,10 @@ def _capfilt(run: Run, step: Step) -> dict[str, Any]:
     section = section.model_copy(update=update)
     output = section.output or run.stage_dir(step.name)
     manifest = run_capfilt(section, output, log=run.log)
-    return {"output": output, "totals": manifest["totals"]}
+    unread = manifest["could_not_read"]
+    return {"output": output, "totals": manifest["totals"],
+            "could_not_read": {"shards": len(unread["shards"]), "of_shards": unread["input_shards"],
+                               "rows": unread["rows"]}}
 
 
 def _evaluate(run: Run, step: Step) -> dict[str, Any]:
@@ -269,8 +277,17 @@ def run_pipeline(config: PipelineConfig, run_dir: str | None = None, log: Callab
     run = Run(config, root, log=log)
     fs, root = fsspec.core.url_to_fs(run.root)
     fs.makedirs(root, exist_ok=True)
+    steps = plan(config)
+    stale = _stale_stages(steps, {step.name for step in steps if fs.exists(f"{root}/{step.name}/{STAGE_RECORD}")})
+    if stale:
+        made_from = "; ".join(f"{name} (from {', '.join(sources)})" for name, sources in stale.items())
+        raise StageConflictError(
+            f"stages complete in {run.root} were made from earlier outputs of stages that are not complete any "
+            f"more and would be redone: {made_from}; delete the directories of {', '.join(stale)} too, or use a "
+            "new --run-dir"
+        )
     started = time.time()
-    for step in plan(config):
+    for step in steps:
         record_path = f"{root}/{step.name}/{STAGE_RECORD}"
         record_identity = {"section": identity(step.section), "inputs": step.inputs,
                     "upstream": {name: run.outputs.get(name) for name in _upstream(step)}}
@@ -299,8 +316,33 @@ def run_pipeline(config: PipelineConfig, run_dir: str | None = None, log: Callab
         run.seconds[step.name] = seconds
         log(f"[{step.name}] done in {seconds:.1f}s")
     _finish_metrics(run, fs, root, time.time() - started)
+    for name, outputs in run.outputs.items():
+        unread = outputs.get("could_not_read") if isinstance(outputs, dict) else None
+        if unread and unread["shards"]:  # allowed by max_unreadable_fraction, but never silent
+            log(f"[{name}] warning: {unread['shards']} of {unread['of_shards']} input shards could not be read in "
+                f"full ({unread['rows']} rows rejected as unreadable); `capfilt inspect` lists them")
     log(f"run directory: {run.root}")
     return run
+
+
+def _stale_stages(steps: list[Step], complete: set[str]) -> dict[str, list[str]]:
+    """Complete stages that depend on one that will run (its directory deleted to redo it): name -> those.
+
+    Besides its declared inputs, a stage may read the data (synth, ingest) and the tokenizer: counted as
+    inputs of every later stage, so a redone one is never mixed with what was made from the old one.
+    """
+    redo: set[str] = set()
+    stale: dict[str, list[str]] = {}
+    earlier: set[str] = set()
+    for step in steps:
+        needs = set(_upstream(step)) | ({"synth", "ingest", "tokenizer"} & earlier)
+        if step.name not in complete:
+            redo.add(step.name)
+        elif needs & redo:
+            stale[step.name] = sorted(needs & redo)
+            redo.add(step.name)
+        earlier.add(step.name)
+    return stale
 
 
 def _upstream(step: Step) -> list[str]:

@@ -103,3 +103,96 @@ class _S3:
 
     def url(self, path: str) -> str:
         return f"s3://{self.bucket}/{path}"
+
+
+class FaultyS3Proxy:
+    """A loopback HTTP proxy in front of the S3 server that fails chosen GETs, as a flaky network does.
+
+    ``fail(pattern, times)``: the next ``times`` GETs of object paths containing ``pattern`` get a 500
+    ``InternalError`` instead of the object. Everything else is forwarded unchanged, so clients talk S3
+    to a real S3-protocol server.
+    """
+
+    def __init__(self, upstream: str):
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlparse
+
+        self.failures: dict[str, int] = {}
+        self.failed: list[str] = []
+        self.lock = threading.Lock()
+        target = urlparse(upstream)
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _forward(self):
+                if self.command == "GET" and proxy._take_failure(self.path):
+                    body = b"<?xml version='1.0'?><Error><Code>InternalError</Code><Message>injected</Message></Error>"
+                    self.send_response(500)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                length = int(self.headers.get("Content-Length") or 0)
+                data = self.rfile.read(length) if length else None
+                connection = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+                headers = {name: value for name, value in self.headers.items() if name.lower() != "connection"}
+                connection.request(self.command, self.path, body=data, headers=headers)
+                response = connection.getresponse()
+                payload = response.read()
+                self.send_response(response.status)
+                for name, value in response.getheaders():
+                    if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(name, value)
+                # A HEAD answer has no body but the object's length.
+                length = response.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(payload)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+                connection.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def fail(self, pattern: str, times: int) -> None:
+        with self.lock:
+            self.failures[pattern] = times
+
+    def _take_failure(self, path: str) -> bool:
+        with self.lock:
+            for pattern, left in self.failures.items():
+                if pattern in path and left > 0:
+                    self.failures[pattern] = left - 1
+                    self.failed.append(path)
+                    return True
+        return False
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def faulty_s3(s3_server):
+    """``s3_server`` behind a :class:`FaultyS3Proxy`; ``storage_options`` reach the server through the proxy,
+    with the S3 client's own retries off, so each injected failure reaches capfilt's retries."""
+    proxy = FaultyS3Proxy(s3_server.endpoint)
+    proxy.storage_options = {"key": "testing", "secret": "testing",
+                             "client_kwargs": {"endpoint_url": proxy.endpoint, "region_name": "us-east-1"},
+                             "config_kwargs": {"retries": {"max_attempts": 1}}}
+    try:
+        yield proxy
+    finally:
+        proxy.close()

@@ -84,3 +84,52 @@ def test_the_plan_starts_every_round_where_the_noisy_pretraining_started_unless_
     assert [step.name for step in from_blip] == ["tokenizer", "model_init", "round_0/finetune_filter", "round_0/capfilt"]
     with pytest.raises(ValueError, match="needs a pretrain section or model.init"):
         plan(PipelineConfig.model_validate({"finetune_filter": {}, "capfilt": {}}))
+
+
+def test_a_pipeline_is_read_from_object_storage(s3_server, monkeypatch):
+    """`capfilt validate s3://...` and `load_pipeline`: through fsspec, credentials from the environment."""
+    import s3fs
+    from click.testing import CliRunner
+
+    from capfilt.cli import main
+
+    good = ("name: from-s3\ndata: {web: {paths: 's3://elsewhere/*.parquet'}, human: {paths: 'h/*.parquet'}}\n"
+            "pretrain: {steps: 3}\n")
+    s3_server.client.put_object(Bucket=s3_server.bucket, Key="pipelines/good.yaml", Body=good.encode())
+    s3_server.client.put_object(Bucket=s3_server.bucket, Key="pipelines/bad.yaml",
+                                Body=b"pretrain:\n  stepz: 3\n  batch_size: -1\n")
+    # As s3fs finds them by default: no storage options, only AWS_* variables.
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_ENDPOINT_URL": s3_server.endpoint, "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem.clear_instance_cache()  # an S3FileSystem made earlier with other variables
+    try:
+        config = load_pipeline(s3_server.url("pipelines/good.yaml"))
+        assert config.name == "from-s3" and config.pretrain.steps == 3
+        assert load_pipeline(s3_server.url("pipelines/good.yaml"), s3_server.storage_options) == config
+
+        with pytest.raises(ConfigError) as error:
+            load_pipeline(s3_server.url("pipelines/bad.yaml"))
+        message = str(error.value)
+        assert s3_server.url("pipelines/bad.yaml") in message and "2 invalid key(s)" in message
+        assert "pretrain.stepz" in message and "pretrain.batch_size" in message
+        with pytest.raises(ConfigError, match="missing.yaml: no such file"):
+            load_pipeline(s3_server.url("pipelines/missing.yaml"))
+
+        cli = CliRunner()
+        result = cli.invoke(main, ["validate", s3_server.url("pipelines/good.yaml")])
+        assert result.exit_code == 0, result.output
+        assert result.output.strip() == f"{s3_server.url('pipelines/good.yaml')}: valid; stages: tokenizer, pretrain_noisy"
+        result = cli.invoke(main, ["validate", s3_server.url("pipelines/bad.yaml")])
+        assert result.exit_code == 1 and "pretrain.stepz" in result.output
+        result = cli.invoke(main, ["run", s3_server.url("pipelines/missing.yaml")])  # refused before Ray starts
+        assert result.exit_code == 1 and "missing.yaml: no such file" in result.output
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_missing_local_pipeline_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: no such file"):
+        load_pipeline(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_pipeline(str(tmp_path))

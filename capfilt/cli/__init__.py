@@ -17,9 +17,9 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("pipeline", type=click.Path(exists=True, dir_okay=False))
+@click.argument("pipeline")
 def validate(pipeline: str) -> None:
-    """Check a pipeline YAML; every bad key is named."""
+    """Check a pipeline YAML (a path, or a URL such as s3://bucket/pipeline.yaml); every bad key is named."""
     try:
         config = load_pipeline(pipeline)
     except ConfigError as error:
@@ -34,11 +34,17 @@ def validate(pipeline: str) -> None:
 
 
 @main.command()
-@click.argument("pipeline", type=click.Path(exists=True, dir_okay=False))
-@click.option("--run-dir", default=None, help="where artifacts go (default: run_dir in the YAML, else runs/<name>)")
+@click.argument("pipeline")
+@click.option("--run-dir", default=None,
+              help="where artifacts go (default: run_dir in the YAML, else runs/<name> in the current directory)")
 @click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
 def run(pipeline: str, run_dir: str | None, address: str | None) -> None:
-    """Run a pipeline's stages in order, skipping the complete ones."""
+    """Run a pipeline's stages in order, skipping the complete ones.
+
+    PIPELINE is a path or a URL (s3://bucket/pipeline.yaml; credentials as the backend finds them, e.g.
+    AWS_* for S3). A complete stage whose settings or inputs changed is refused, naming the changed
+    keys: use a new --run-dir, or delete that stage's directory and those of the stages after it.
+    """
     if not (address or os.environ.get("RAY_ADDRESS")):
         # A local cluster needs no network: keep Ray on loopback (read when ray is imported).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -60,8 +66,12 @@ def run(pipeline: str, run_dir: str | None, address: str | None) -> None:
         # console fills with "State API may be temporarily unavailable" once a second.
         ray.init(address="local", num_cpus=config.ray.num_cpus, object_store_memory=config.ray.object_store_memory,
                  include_dashboard=True)
+    from capfilt.stages.capfilt import InputReadError
+
     try:
         run_pipeline(config, run_dir)
+    except InputReadError as error:  # the input's fault, not capfilt's: the message, no traceback
+        raise click.ClickException(str(error)) from None
     finally:
         ray.shutdown()
 
@@ -145,6 +155,57 @@ def report_command(path, html_path, samples_per_bucket, max_rejects_per_reason, 
     except (OutputError, ValueError) as error:
         raise click.ClickException(str(error)) from None
     click.echo(html_path)
+
+
+@main.command("export")
+@click.argument("capfilt_output")
+@click.argument("dest")
+@click.option("--format", "format_", type=click.Choice(["webdataset", "parquet"]), default="webdataset",
+              show_default=True, help="webdataset: img2dataset's tars + .parquet index; parquet: images inline")
+@click.option("--source", multiple=True, type=click.Choice(["web", "synthetic", "human"]),
+              help="export these text sources only (repeat; default: all)")
+@click.option("--group-by", type=click.Choice(["text", "image"]), default="text", show_default=True,
+              help="one sample per kept text, or per image with all its kept texts")
+@click.option("--min-score", type=float, default=None, help="only texts with ITM probability >= this (unscored pass)")
+@click.option("--samples-per-shard", type=int, default=None, help="default: ExportConfig (10000)")
+@click.option("--image-column", default=None, help="parquet: the image bytes column (default: jpg, as img2dataset)")
+@click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+@_STORAGE_OPTION
+def export_command(capfilt_output, dest, format_, source, group_by, min_score, samples_per_shard, image_column,
+                   address, storage_options) -> None:
+    """Write a finished CapFilt output as WebDataset tars or Parquet that other trainers read.
+
+    CAPFILT_OUTPUT and DEST are local paths or URLs (s3://, gs://); --storage-option applies to both and
+    to the input shards the pairs refer to. Resumable: run the same command again after a kill.
+    """
+    import ray
+    from pydantic import ValidationError
+
+    from capfilt.config import ExportConfig
+    from capfilt.reporting.reader import parse_storage_options
+    from capfilt.stages.export import ExportError, run_export
+
+    options = parse_storage_options(storage_options)
+    values = {"format": format_, "sources": list(source) or None, "group_by": group_by, "min_score": min_score,
+              "samples_per_shard": samples_per_shard, "image_column": image_column, "input_storage_options": options,
+              "output_storage_options": options}
+    try:
+        settings = ExportConfig(**{name: value for name, value in values.items() if value is not None})
+    except ValidationError as error:
+        raise click.ClickException(f"export options: {error}") from None
+    address = address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address or "local", **({} if address else {"include_dashboard": False}))
+    try:
+        manifest = run_export(capfilt_output, dest, settings, options, log=lambda line: click.echo(line, err=True))
+    except (ExportError, ValueError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from None
+    finally:
+        ray.shutdown()
+    totals = manifest["totals"]
+    if totals["errors"]:
+        raise click.ClickException(f"{totals['errors']} pairs could not be resolved against their input shards "
+                                   f"({totals['errors_by_reason']}); they are listed in {dest}/errors")
+    click.echo(dest)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ of an input shard, and rerunning a finished output does nothing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -90,6 +91,25 @@ class CommittedOutput:
             # An object-store PUT is atomic: readers see the whole object or none.
             self.fs.pipe_file(final, data)
 
+    @contextlib.contextmanager
+    def open_atomic(self, relative: str):
+        """A file to write ``relative`` through, visible under its name only once closed whole."""
+        final = self.path(relative)
+        self.fs.makedirs(os.path.dirname(final), exist_ok=True)
+        if self._local:
+            temporary = f"{final}.tmp-{uuid.uuid4().hex}"
+            try:
+                with self.fs.open(temporary, "wb") as handle:
+                    yield handle
+                os.replace(temporary, final)
+            finally:
+                if os.path.exists(temporary):
+                    os.remove(temporary)
+        else:
+            # An object store shows a multipart upload only once it is completed, on close.
+            with self.fs.open(final, "wb") as handle:
+                yield handle
+
     def _read_json(self, relative: str) -> Any:
         with self.fs.open(self.path(relative), "rb") as handle:
             return json.loads(handle.read())
@@ -147,6 +167,18 @@ class CommittedOutput:
                     highest = max(highest, _commit_id_of(relative))
         return highest + 1
 
+    def recover_files(self, tables: Iterable[str], suffixes: tuple[str, ...]) -> int:
+        """:meth:`recover`, and also the root's data files (names ending in ``suffixes``) that no commit names,
+        for layouts that keep their data at the top (as img2dataset's shards are)."""
+        next_id = self.recover(tables)
+        committed = {file for commit in self.commits() for file in commit.files}
+        for name in self.fs.ls(self.root, detail=False):
+            base = os.path.basename(name.rstrip("/"))
+            stray = base.endswith(suffixes) or any(f"{suffix}.tmp-" in base for suffix in suffixes)
+            if stray and base not in committed and self.fs.isfile(name):
+                self.fs.rm(name)
+        return next_id
+
     def write_table(self, relative: str, table: pa.Table) -> None:
         final = self.path(relative)
         self.fs.makedirs(os.path.dirname(final), exist_ok=True)
@@ -163,8 +195,11 @@ class CommittedOutput:
 
     # -- the end -----------------------------------------------------------------------------
 
-    def finish(self, manifest: dict[str, Any]) -> None:
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
         self._write_atomic(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
+
+    def finish(self, manifest: dict[str, Any]) -> None:
+        self.write_manifest(manifest)
         self._write_atomic(SUCCESS, b"")
 
     def is_finished(self) -> bool:

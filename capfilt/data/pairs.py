@@ -172,57 +172,15 @@ class PairReader:
 
     def fetch_images(self, shard: str, rows: Sequence[int], referenced_by: str) -> dict[int, bytes | None]:
         """The image bytes of ``rows`` of one input shard, reading as little of it as the format allows."""
-        reader = self._shard_reader_config(shard)
-        if reader.format == "parquet":
-            found = self._fetch_parquet(shard, rows, reader)
-        else:
-            from capfilt.data.shards import make_reader
-
-            wanted = set(rows)
-            found = {}
-            for batch in make_reader(reader).read_shard(shard):
-                for row, image in zip(batch.column("row").to_pylist(), batch.column("image").to_pylist()):
-                    if row in wanted:
-                        found[row] = image
+        found = fetch_rows(shard, rows, self._shard_reader_config(shard))
         absent = [row for row in rows if row not in found]
         if absent:
             raise ValueError(f"{shard}: rows {absent[:5]} referenced by {referenced_by} are not in the shard")
-        return found
+        return {row: found[row]["image"] for row in rows}
 
     def _shard_reader_config(self, shard: str) -> ReaderConfig:
-        if self.source.reader is not None:
-            return self.source.reader
-        name = shard.rsplit("/", 1)[-1].lower()
-        if name.endswith(".parquet"):
-            fmt = "parquet"
-        elif ".tar" in name:
-            fmt = "webdataset"
-        else:
-            fmt = "folder"
-        return ReaderConfig(format=fmt, storage_options=self.source.storage_options)
+        return self.source.reader if self.source.reader is not None else reader_for(shard, self.source.storage_options)
 
-    @staticmethod
-    def _fetch_parquet(shard: str, rows: Sequence[int], reader: ReaderConfig) -> dict[int, bytes | None]:
-        from capfilt.data.shards import ParquetShardReader, ShardReadError
-
-        fs, fs_path = fsspec.core.url_to_fs(shard, **reader.storage_options)
-        found: dict[int, bytes | None] = {}
-        try:
-            with fs.open(fs_path, "rb") as handle:
-                parquet = pq.ParquetFile(handle)
-                column = ParquetShardReader(reader).image_column(shard, parquet.schema_arrow)
-                first = 0
-                for group in range(parquet.num_row_groups):
-                    last = first + parquet.metadata.row_group(group).num_rows
-                    inside = [row for row in rows if first <= row < last]
-                    if inside:  # only the row groups holding wanted rows, only the image column
-                        images = parquet.read_row_group(group, columns=[column]).column(0)
-                        taken = images.take(pa.array([row - first for row in inside])).to_pylist()
-                        found.update(zip(inside, taken))
-                    first = last
-        except (pa.ArrowException, OSError) as error:
-            raise ShardReadError(shard, f"cannot read images ({type(error).__name__}: {error})") from None
-        return found
 
     # -- both --------------------------------------------------------------------------------------
 
@@ -265,6 +223,76 @@ class PairReader:
                 for name, value in zip(PAIR_SCHEMA.names, (identity, text, source, key, shard, row, image)):
                     out[name].append(value)
         return pa.Table.from_pydict(out, schema=PAIR_SCHEMA)
+
+
+def reader_for(shard: str, storage_options: dict[str, Any] | None = None) -> ReaderConfig:
+    """The reader of an input shard named in a CapFilt output, by its file name."""
+    name = shard.rsplit("/", 1)[-1].lower()
+    if name.endswith(".parquet"):
+        fmt = "parquet"
+    elif ".tar" in name:
+        fmt = "webdataset"
+    else:
+        fmt = "folder"
+    return ReaderConfig(format=fmt, storage_options=storage_options or {})
+
+
+def fetch_rows(shard: str, rows: Sequence[int], reader: ReaderConfig) -> dict[int, dict[str, Any]]:
+    """``{row: {"image", "key", "sha256"}}`` for ``rows`` of one input shard, reading as little of it as the
+    format allows (Parquet: the row groups holding them, three columns). Rows the shard does not have are
+    absent from the answer; storage errors are retried as the readers retry them."""
+    from capfilt.data.shards import make_reader
+
+    if reader.format == "parquet":
+        return _fetch_parquet_rows(shard, rows, reader)
+    wanted = set(rows)
+    found = {}
+    for batch in make_reader(reader).read_shard(shard):
+        columns = zip(batch.column("row").to_pylist(), batch.column("image").to_pylist(),
+                      batch.column("key").to_pylist(), batch.column("sha256").to_pylist())
+        for row, image, key, sha256 in columns:
+            if row in wanted:
+                found[row] = {"image": image, "key": key, "sha256": sha256}
+    return found
+
+
+def _fetch_parquet_rows(shard: str, rows: Sequence[int], reader: ReaderConfig) -> dict[int, dict[str, Any]]:
+    from capfilt.data.shards import ParquetShardReader, ShardReadError, ShardTransientError, derived_key, retrying
+
+    fs, fs_path = fsspec.core.url_to_fs(shard, **reader.storage_options)
+
+    def fetch(open_file) -> dict[int, dict[str, Any]]:
+        found: dict[int, dict[str, Any]] = {}
+        with open_file(fs, fs_path) as handle:
+            parquet = pq.ParquetFile(handle)
+            names = parquet.schema_arrow.names
+            image = ParquetShardReader(reader).image_column(shard, parquet.schema_arrow)
+            key = reader.key_column if reader.key_column in names else None
+            sha256 = "sha256" if "sha256" in names else None
+            columns = [name for name in (image, key, sha256) if name is not None]
+            first = 0
+            for group in range(parquet.num_row_groups):
+                last = first + parquet.metadata.row_group(group).num_rows
+                inside = [row for row in rows if first <= row < last]
+                if inside:  # only the row groups holding wanted rows, only these columns
+                    table = parquet.read_row_group(group, columns=columns)
+                    taken = table.take(pa.array([row - first for row in inside])).to_pydict()
+                    for index, row in enumerate(inside):
+                        found[row] = {
+                            "image": taken[image][index],
+                            "key": str(taken[key][index]) if key and taken[key][index] is not None
+                            else (None if key else derived_key(shard, row)),
+                            "sha256": taken[sha256][index] if sha256 else None,
+                        }
+                first = last
+        return found
+
+    try:
+        return retrying(fetch, shard, reader)
+    except ShardTransientError:
+        raise
+    except (pa.ArrowException, OSError) as error:
+        raise ShardReadError(shard, f"cannot read images ({type(error).__name__}: {error})") from None
 
 
 def read_pairs(sources: Sequence[PairSource], counts: PairCounts) -> Iterator[pa.Table]:

@@ -9,12 +9,15 @@ Normalised columns, in this order, then every extra input column unchanged:
 =================  ================================================================================
 ``key``            the input's ``key`` column (img2dataset: shard id + index, e.g. ``"000000003"``)
                    when present; otherwise derived as ``"{file stem}_{row:06d}"``, stable as long
-                   as file names are. Keys must be unique: a repeat is a :class:`ShardKeyError`
-                   naming the file, the key and both rows (set ``key_column: null`` to derive keys).
+                   as file names are. Keys are unique within a shard: the first row with a key
+                   keeps it, a later row with the same key is a ``duplicate_key`` reject naming the
+                   first row, and a null or empty key a ``key_missing`` reject (set
+                   ``key_column: null`` to derive keys instead).
 ``source_key``     ``"{file name}:{row}"``: the physical input row, whatever ``key`` is (for
                    WebDataset failures read from img2dataset's sidecar: ``"{shard}.parquet:{row}"``).
-``shard``          the input file's path or URL.
-``row``            the row's index within that file (tar: the sample's index in the tar).
+``shard``          the input file's path or URL (WebDataset: the tar, also for its sidecar's rows).
+``row``            the row's index within that shard (tar: the sample's index in the tar; the
+                   sidecar's rows follow the tar's), so ``(shard, row)`` names one input row.
 ``image``          the image bytes (binary), null when the input has none.
 ``caption``        the raw caption (string), untouched: clean it with
                    :func:`capfilt.data.text.clean_caption`. WebDataset ``.txt`` members are decoded
@@ -43,6 +46,11 @@ reason                              decided by                   detail
 ``status: failed_to_resize``        shards.split_by_status       img2dataset's ``error_message``
 ``status: failed_to_read``          shards.split_by_status       folder input: the I/O error
 ``status: <other>`` / ``null``      shards.split_by_status       the row's ``error_message``
+``duplicate_key``                   shards (the readers)         the key and the row that keeps it
+``key_missing``                     shards (the readers)         null or empty key
+``rows_unreadable``                 shards (the readers)         Parquet: the row group that does not
+                                                                 decode and why; tar: the sample's
+                                                                 ``.json`` that does not parse
 ``decode_error: missing``           images.decode_image          null image bytes
 ``decode_error: empty``             images.decode_image          zero bytes
 ``decode_error: not_bytes``         images.decode_image          the value's type
@@ -62,10 +70,13 @@ reason                              decided by                   detail
 A caption reject removes that text only: the image can still receive synthetic captions. A caption
 longer than the word limit is truncated, not rejected.
 
-Whole-file problems are exceptions, for the pipeline to fail on or quarantine the shard:
+Whole-file problems are exceptions, for the pipeline to quarantine the shard:
 :class:`ShardSchemaError` (missing column, wrong type: names file, column, expected and actual
-type), :class:`ShardReadError` (not Parquet / not a tar / truncated: names the file) and
-:class:`ShardKeyError` (duplicate or null key). All are :class:`ShardError` with a ``.path``.
+type) and :class:`ShardReadError` (not Parquet / not a tar / truncated: names the file). Both are
+:class:`ShardError` with a ``.path``, and ``.rows`` when the file's footer gave its row count before
+the problem showed. Storage errors (opening or reading the file object fails: network, timeout,
+throttling) are retried by :meth:`ShardReader.read_shard` (``read_retries``, exponential backoff
+from ``retry_backoff_s``) and end as :class:`ShardTransientError` when retries run out.
 """
 
 from __future__ import annotations
@@ -75,6 +86,7 @@ import json
 import posixpath
 import re
 import tarfile
+import time
 import zlib
 from abc import ABC, abstractmethod
 from typing import Any, Iterable, Iterator, Sequence
@@ -107,11 +119,20 @@ REJECT_SCHEMA = pa.schema(
 
 
 class ShardError(Exception):
-    """A whole input file cannot be used; ``path`` names it."""
+    """A whole input file (or the rest of it) cannot be used; ``path`` names it.
 
-    def __init__(self, path: str, message: str):
+    ``rows``: how many rows the file has, when its footer said so before the problem showed (Parquet),
+    so the rows that could not be read can still be accounted for one by one.
+    """
+
+    def __init__(self, path: str, message: str, rows: int | None = None):
         super().__init__(f"{path}: {message}")
         self.path = path
+        self.message = message
+        self.rows = rows
+
+    def __reduce__(self):  # keep path, message and rows across Ray's pickling
+        return type(self), (self.path, self.message, self.rows)
 
 
 class ShardSchemaError(ShardError, ValueError):
@@ -122,8 +143,82 @@ class ShardReadError(ShardError):
     """The file is not what its format says (not Parquet, not a tar, truncated)."""
 
 
-class ShardKeyError(ShardError, ValueError):
-    """A key repeats, or is null."""
+class ShardTransientError(ShardError, OSError):
+    """Storage failed in a way a retry may fix (network error, timeout, throttling), after the retries.
+
+    Raised only for errors of the file object itself (opening, reading, seeking), never for what a
+    parser says of the bytes: a corrupt file is a :class:`ShardReadError` and is not retried.
+    """
+
+
+class _StorageError(OSError):
+    """An error of the underlying file object, told apart from the parsers' own ``OSError``s."""
+
+
+# Errors that a retry cannot fix although they are OSErrors.
+_PERMANENT_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def _open(fs, fs_path: str, path: str, **options):
+    """Open ``fs_path`` for reading, guarded; a failure to open that a retry may fix is a _StorageError."""
+    try:
+        return _GuardedFile(fs.open(fs_path, "rb", **options))
+    except _PERMANENT_OS_ERRORS:
+        raise
+    except OSError as error:  # includes TimeoutError and ConnectionError
+        raise _StorageError(f"cannot open {path} ({type(error).__name__}: {error})") from error
+
+
+def retrying(call, path: str, config: ReaderConfig, sleep=time.sleep):
+    """``call(open)`` where ``open(fs, fs_path)`` opens guarded; storage errors retried as in ``read_shard``.
+
+    For readers of part of a shard (e.g. the images of some rows) that do not go through ``read_shard``.
+    """
+    for attempt in range(config.read_retries + 1):
+        try:
+            return call(lambda fs, fs_path: _open(fs, fs_path, path))
+        except _StorageError as error:
+            if attempt == config.read_retries:
+                raise ShardTransientError(path, f"storage error after {attempt + 1} attempts: {error}") from None
+            sleep(config.retry_backoff_s * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+class _GuardedFile:
+    """A file object whose own I/O errors are :class:`_StorageError`, whichever parser called it.
+
+    pyarrow and tarfile re-raise what the file object raised, so after a failure the reader can tell
+    a storage blip (retry) from bytes that do not parse (give up).
+    """
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+    def _guard(self, method, *args):
+        try:
+            return method(*args)
+        except _PERMANENT_OS_ERRORS:
+            raise
+        except OSError as error:
+            raise _StorageError(f"{type(error).__name__}: {error}") from error
+
+    def read(self, *args):
+        return self._guard(self._handle.read, *args)
+
+    def readinto(self, *args):
+        return self._guard(self._handle.readinto, *args)
+
+    def seek(self, *args):
+        return self._guard(self._handle.seek, *args)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.close()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,24 +338,56 @@ def _as_array(values: pa.Array | pa.ChunkedArray | Sequence[Any] | None, type_: 
     return values if values.type == type_ else values.cast(type_)
 
 
+# Row-level faults the readers find themselves. They travel as the row's status (so every consumer
+# that splits by status rejects them) and are reported under their own name, not as "status: ...".
+DUPLICATE_KEY = "duplicate_key"
+KEY_MISSING = "key_missing"
+ROWS_UNREADABLE = "rows_unreadable"
+READER_FAULTS = (DUPLICATE_KEY, KEY_MISSING, ROWS_UNREADABLE)
+
+
+def status_reason(status: str | None) -> str:
+    """The reject reason of a row whose status is not ``success``."""
+    if status in READER_FAULTS:
+        return status
+    return f"status: {status}" if status is not None else "status: null"
+
+
 class _KeyBook:
-    """Keys seen so far in one shard, so a repeat is reported with both rows."""
+    """Keys seen so far in one shard: the first row with a key keeps it, a later one is a duplicate."""
 
     def __init__(self, path: str):
         self.path = path
         self.rows: dict[str, int] = {}
 
-    def add(self, keys: Sequence[str | None], rows: Sequence[int]) -> None:
-        for key, row in zip(keys, rows):
-            if key is None:
-                raise ShardKeyError(self.path, f"row {row}: key is null")
+    def check(self, keys: Sequence[str | None], rows: Sequence[int]) -> list[tuple[int, str, str]]:
+        """``(index, reason, detail)`` of each row whose key is missing or taken."""
+        faults = []
+        for index, (key, row) in enumerate(zip(keys, rows)):
+            if key is None or key == "":
+                faults.append((index, KEY_MISSING, f"row {row}: key is {'null' if key is None else 'empty'}"))
+                continue
             previous = self.rows.setdefault(key, row)
             if previous != row:
-                raise ShardKeyError(
-                    self.path,
-                    f"duplicate key {key!r} at rows {previous} and {row}; keys must be unique "
-                    "(set key_column: null to derive keys from file name and row)",
-                )
+                faults.append((index, DUPLICATE_KEY, f"key {key!r} first at row {previous}, which keeps it"))
+        return faults
+
+
+def with_faults(batch: pa.Table, faults: Sequence[tuple[int, str, str]]) -> pa.Table:
+    """``batch`` with each faulty row's status set to the fault and its error message to the detail.
+
+    Only rows whose status is ``success`` change: a row img2dataset already failed keeps its own reason.
+    """
+    if not faults:
+        return batch
+    status = batch.column("status").to_pylist()
+    message = batch.column("error_message").to_pylist()
+    for index, reason, detail in faults:
+        if status[index] == SUCCESS:
+            status[index], message[index] = reason, detail
+    batch = batch.set_column(batch.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
+    return batch.set_column(batch.schema.get_field_index("error_message"), "error_message",
+                            pa.array(message, pa.string()))
 
 
 def normalised_batch(
@@ -275,6 +402,7 @@ def normalised_batch(
     sha256: pa.Array | Sequence[Any] | None = None,
     extras: dict[str, pa.Array | Sequence[Any]] | None = None,
     key_book: _KeyBook | None = None,
+    source_keys: Sequence[str] | None = None,
 ) -> pa.Table:
     """One batch in the normalised layout (see the module docstring); ``rows`` are the rows' indices in ``path``."""
     rows = list(rows)
@@ -283,11 +411,10 @@ def normalised_batch(
         key_array = pa.array([derived_key(path, row) for row in rows], pa.string())
     else:
         key_array = _as_array(keys, pa.string(), num_rows)
-    if key_book is not None:
-        key_book.add(key_array.to_pylist(), rows)
     columns: dict[str, pa.Array] = {
         "key": key_array,
-        "source_key": pa.array([make_source_key(path, row) for row in rows], pa.string()),
+        "source_key": pa.array(source_keys if source_keys is not None else
+                               [make_source_key(path, row) for row in rows], pa.string()),
         "shard": pa.array([path] * num_rows, pa.string()),
         "row": pa.array(rows, pa.int64()),
         "image": _as_array(images, pa.binary(), num_rows),
@@ -308,7 +435,8 @@ def normalised_batch(
             except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
                 raise ShardSchemaError(path, f"column {name!r} mixes value types ({error})") from None
         columns[out_name] = array
-    return pa.table(columns)
+    table = pa.table(columns)
+    return with_faults(table, key_book.check(key_array.to_pylist(), rows)) if key_book is not None else table
 
 
 # --------------------------------------------------------------------------------------------------
@@ -324,8 +452,35 @@ class ShardReader(ABC):
         self.config = ReaderConfig.model_validate({**base.model_dump(), **overrides}) if overrides else base
 
     @abstractmethod
-    def read_shard(self, path: str) -> Iterator[pa.Table]:
-        """The normalised batches of one input file, in file order."""
+    def read_once(self, path: str) -> Iterator[pa.Table]:
+        """The normalised batches of one input file, in file order, in one attempt."""
+
+    def read_shard(self, path: str, sleep=time.sleep) -> Iterator[pa.Table]:
+        """The normalised batches of one input file, in file order; storage errors are retried.
+
+        A failure of the storage itself (an error opening or reading the file object: network,
+        timeout, throttling) is retried up to ``read_retries`` times with exponential backoff, reading
+        again from the start and skipping the rows already yielded (the readers are deterministic),
+        so a retry neither repeats nor loses a row. Then it raises :class:`ShardTransientError`. A
+        file whose bytes do not parse is not retried.
+        """
+        yielded = 0
+        for attempt in range(self.config.read_retries + 1):
+            seen = 0
+            try:
+                for batch in self.read_once(path):
+                    skip = min(max(yielded - seen, 0), batch.num_rows)
+                    seen += batch.num_rows
+                    if skip < batch.num_rows:
+                        yielded += batch.num_rows - skip
+                        yield batch.slice(skip) if skip else batch
+                return
+            except _StorageError as error:
+                if attempt == self.config.read_retries:
+                    raise ShardTransientError(
+                        path, f"storage error after {attempt + 1} attempts, {yielded} rows read: {error}"
+                    ) from None
+                sleep(self.config.retry_backoff_s * 2**attempt)
 
     def paths(self, spec: str | Sequence[str] | None = None) -> list[str]:
         spec = spec if spec is not None else self.config.paths
@@ -336,18 +491,23 @@ class ShardReader(ABC):
     def read(self, spec: str | Sequence[str] | None = None) -> Iterator[pa.Table]:
         """Every shard of ``spec`` (default: the config's paths) in order; keys unique across shards.
 
-        The cross-shard key check holds every key in memory: fine for a local run; at scale Ray reads
-        shards with :meth:`read_shard` and checks uniqueness per shard.
+        A key already read from an earlier shard is a ``duplicate_key`` row, as within a shard. The
+        cross-shard check holds every key in memory: fine for a local run; at scale Ray reads shards
+        with :meth:`read_shard` and checks uniqueness per shard.
         """
         owners: dict[str, str] = {}
         for path in self.paths(spec):
             for batch in self.read_shard(path):
-                for key, row in zip(batch["key"].to_pylist(), batch["row"].to_pylist()):
+                faults = []
+                columns = zip(batch["key"].to_pylist(), batch["row"].to_pylist(), batch["status"].to_pylist())
+                for index, (key, row, status) in enumerate(columns):
+                    if status != SUCCESS:
+                        continue
                     here = f"{path} row {row}"
                     previous = owners.setdefault(key, here)
                     if previous != here:
-                        raise ShardKeyError(path, f"duplicate key {key!r} at {here} and {previous}")
-                yield batch
+                        faults.append((index, DUPLICATE_KEY, f"key {key!r} first at {previous}, which keeps it"))
+                yield with_faults(batch, faults)
 
     def _fs(self, path: str):
         return fsspec.core.url_to_fs(path, **self.config.storage_options)
@@ -416,43 +576,68 @@ class ParquetShardReader(ShardReader):
                 _check_type(path, column, schema.field(column).type, _EXPECTED_TYPES[role])
         return plan
 
-    def read_shard(self, path: str) -> Iterator[pa.Table]:
+    def read_once(self, path: str) -> Iterator[pa.Table]:
         fs, fs_path = self._fs(path)
-        with fs.open(fs_path, "rb") as handle:
+        with _open(fs, fs_path, path) as handle:
             try:
                 parquet = pq.ParquetFile(handle)
                 schema = parquet.schema_arrow
+            except _StorageError:
+                raise
             except (pa.ArrowException, OSError, ValueError) as error:
                 raise ShardReadError(path, f"not a readable Parquet file ({_describe(error)})") from None
-            plan = self._plan(path, schema)
-            consumed = {column for column in plan.values() if column is not None}
-            extras = self._extra_names(path, schema.names, consumed)
+            try:
+                plan = self._plan(path, schema)
+                consumed = {column for column in plan.values() if column is not None}
+                extras = self._extra_names(path, schema.names, consumed)
+            except ShardError as error:
+                error.rows = parquet.metadata.num_rows  # the footer is readable: its rows can be accounted for
+                raise
             columns = [name for name in schema.names if name in consumed or name in extras]
             key_book = _KeyBook(path)
             first_row = 0
-            batches = parquet.iter_batches(batch_size=self.config.batch_size, columns=columns, use_threads=False)
-            while True:
+            # Row group by row group, so a corrupt one costs its own rows only.
+            for group in range(parquet.num_row_groups):
+                group_rows = parquet.metadata.row_group(group).num_rows
                 try:
-                    batch = next(batches)
-                except StopIteration:
-                    break
+                    batches = list(parquet.iter_batches(batch_size=self.config.batch_size, row_groups=[group],
+                                                        columns=columns, use_threads=False))
+                except _StorageError:
+                    raise
                 except (pa.ArrowException, OSError, ValueError) as error:
-                    raise ShardReadError(
-                        path, f"cannot read rows from {first_row} on ({_describe(error)})"
-                    ) from None
-                yield normalised_batch(
-                    path,
-                    range(first_row, first_row + batch.num_rows),
-                    keys=batch.column(plan["key"]) if plan["key"] else None,
-                    images=batch.column(plan["image"]),
-                    captions=batch.column(plan["caption"]),
-                    statuses=batch.column(plan["status"]) if plan["status"] else None,
-                    error_messages=batch.column(plan["error_message"]) if plan["error_message"] else None,
-                    sha256=batch.column(plan["sha256"]) if plan["sha256"] else None,
-                    extras={name: batch.column(name) for name in extras},
-                    key_book=key_book,
-                )
-                first_row += batch.num_rows
+                    yield self._unreadable_rows(path, first_row, group_rows, schema, extras,
+                                                f"row group {group}: {_describe(error)}")
+                    first_row += group_rows
+                    continue
+                for batch in batches:
+                    yield normalised_batch(
+                        path,
+                        range(first_row, first_row + batch.num_rows),
+                        keys=batch.column(plan["key"]) if plan["key"] else None,
+                        images=batch.column(plan["image"]),
+                        captions=batch.column(plan["caption"]),
+                        statuses=batch.column(plan["status"]) if plan["status"] else None,
+                        error_messages=batch.column(plan["error_message"]) if plan["error_message"] else None,
+                        sha256=batch.column(plan["sha256"]) if plan["sha256"] else None,
+                        extras={name: batch.column(name) for name in extras},
+                        key_book=key_book,
+                    )
+                    first_row += batch.num_rows
+
+    @staticmethod
+    def _unreadable_rows(path: str, first_row: int, num_rows: int, schema: pa.Schema, extras: list[str],
+                         detail: str) -> pa.Table:
+        """The rows of a row group that does not decode: kept in the accounting as ``rows_unreadable``."""
+        return normalised_batch(
+            path,
+            range(first_row, first_row + num_rows),
+            keys=pa.nulls(num_rows, pa.string()),
+            images=None,
+            captions=None,
+            statuses=[ROWS_UNREADABLE] * num_rows,
+            error_messages=[detail] * num_rows,
+            extras={name: pa.nulls(num_rows, schema.field(name).type) for name in extras},
+        )
 
 
 _MEMBER = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")
@@ -471,7 +656,7 @@ class WebDatasetShardReader(ShardReader):
 
     image_extensions = ("jpg", "jpeg", "png", "webp")
 
-    def read_shard(self, path: str) -> Iterator[pa.Table]:
+    def read_once(self, path: str) -> Iterator[pa.Table]:
         sidecar_path, sidecar = self._sidecar(path) if self.config.webdataset_sidecar else (None, None)
         # The sidecar has img2dataset's exact column types; without it types are inferred from the JSON.
         types = {field.name: field.type for field in sidecar.schema} if sidecar is not None else {}
@@ -479,7 +664,7 @@ class WebDatasetShardReader(ShardReader):
         key_book = _KeyBook(path)
         samples: list[dict[str, Any]] = []
         first_row = 0
-        with fs.open(fs_path, "rb") as handle:
+        with _open(fs, fs_path, path) as handle:
             try:
                 with tarfile.open(fileobj=handle, mode="r|*") as tar:
                     for key, members in self._samples(tar):
@@ -488,12 +673,16 @@ class WebDatasetShardReader(ShardReader):
                             yield self._batch(path, first_row, samples, key_book, types)
                             first_row += len(samples)
                             samples = []
+            except _StorageError:
+                raise
             except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
-                raise ShardReadError(path, f"not a readable tar file ({_describe(error)})") from None
+                where = f" after {first_row + len(samples)} samples" if first_row or samples else ""
+                raise ShardReadError(path, f"not a readable tar file{where} ({_describe(error)})") from None
         if samples:
             yield self._batch(path, first_row, samples, key_book, types)
+            first_row += len(samples)
         if sidecar is not None:
-            yield from self._sidecar_rows(sidecar_path, sidecar, key_book)
+            yield from self._sidecar_rows(path, sidecar_path, sidecar, key_book, first_row)
 
     @staticmethod
     def _samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -521,10 +710,12 @@ class WebDatasetShardReader(ShardReader):
         if "json" in members:
             try:
                 meta = json.loads(members["json"])
+                problem = None if isinstance(meta, dict) else "is not a JSON object"
             except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                raise ShardReadError(path, f"sample {key!r}: {key}.json is not JSON ({error})") from None
-            if not isinstance(meta, dict):
-                raise ShardReadError(path, f"sample {key!r}: {key}.json is not a JSON object")
+                problem = f"is not JSON ({error})"
+            if problem:  # one sample's metadata: that sample is rejected, the shard goes on
+                return {"key": key, "image": None, "caption": None, "status": ROWS_UNREADABLE,
+                        "error_message": f"{key}.json {problem}", "sha256": None, "extras": {}}
         if "txt" in members:
             caption = members["txt"].decode("utf-8", errors="replace")
         else:
@@ -587,9 +778,11 @@ class WebDatasetShardReader(ShardReader):
         fs, fs_path = self._fs(sidecar)
         if not fs.exists(fs_path):
             return None, None
-        with fs.open(fs_path, "rb") as handle:
+        with _open(fs, fs_path, sidecar) as handle:
             try:
                 table = pq.read_table(handle)
+            except _StorageError:
+                raise
             except (pa.ArrowException, OSError, ValueError) as error:
                 raise ShardReadError(sidecar, f"not a readable Parquet file ({_describe(error)})") from None
         if "key" not in table.column_names:
@@ -599,8 +792,13 @@ class WebDatasetShardReader(ShardReader):
                 _check_type(sidecar, column, table.schema.field(column).type, "string")
         return sidecar, table
 
-    def _sidecar_rows(self, sidecar: str, table: pa.Table, tar_keys: _KeyBook) -> Iterator[pa.Table]:
-        """The sidecar's rows missing from the tar (img2dataset's failures), with their own row index."""
+    def _sidecar_rows(self, path: str, sidecar: str, table: pa.Table, tar_keys: _KeyBook,
+                      first_row: int) -> Iterator[pa.Table]:
+        """The sidecar's rows missing from the tar (img2dataset's failures).
+
+        They follow the tar's samples in ``row`` (so ``(shard, row)`` names one row of the shard,
+        whichever file holds it); ``source_key`` names their row in the sidecar.
+        """
         table = table.append_column("__row", pa.array(range(table.num_rows), pa.int64()))
         in_tar = pa.array(list(tar_keys.rows), pa.string())
         table = table.filter(pc.invert(pc.is_in(table["key"].cast(pa.string()), value_set=in_tar)))
@@ -608,12 +806,11 @@ class WebDatasetShardReader(ShardReader):
         extra_names = [name for name in table.column_names if name not in normalised]
         if self.config.columns is not None:
             extra_names = [name for name in self.config.columns if name in table.column_names]
-        sidecar_book = _KeyBook(sidecar)
         for batch in table.to_batches(max_chunksize=self.config.batch_size):
             get = lambda name: batch.column(name) if name in batch.schema.names else None  # noqa: E731
             yield normalised_batch(
-                sidecar,
-                batch.column("__row").to_pylist(),
+                path,
+                range(first_row, first_row + batch.num_rows),
                 keys=batch.column("key"),
                 images=None,
                 captions=get(self.config.caption_column),
@@ -621,8 +818,10 @@ class WebDatasetShardReader(ShardReader):
                 error_messages=get("error_message"),
                 sha256=get("sha256"),
                 extras={name: batch.column(name) for name in extra_names},
-                key_book=sidecar_book,
+                key_book=tar_keys,
+                source_keys=[make_source_key(sidecar, row) for row in batch.column("__row").to_pylist()],
             )
+            first_row += batch.num_rows
 
 
 class FolderReader(ShardReader):
@@ -638,7 +837,7 @@ class FolderReader(ShardReader):
         fs, fs_path = self._fs(path)
         name = file_name(path).lower()
         try:
-            with fs.open(fs_path, "rb", compression="infer") as handle:
+            with _open(fs, fs_path, path, compression="infer") as handle:
                 if name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
                     table = pa_json.read_json(handle)
                 else:
@@ -663,7 +862,7 @@ class FolderReader(ShardReader):
             _check_type(path, config.key_column, table.schema.field(config.key_column).type, "string or integer")
         return table
 
-    def read_shard(self, path: str) -> Iterator[pa.Table]:
+    def read_once(self, path: str) -> Iterator[pa.Table]:
         config = self.config
         table = self.read_captions(path)
         root = config.images_root or posixpath.dirname(path)
@@ -691,11 +890,18 @@ class FolderReader(ShardReader):
         if not name:
             return None, "no image path"
         location = name if "://" in name or name.startswith("/") else posixpath.join(root, name)
-        try:
-            fs, fs_path = self._fs(location)
-            return fs.cat_file(fs_path), None
-        except (OSError, ValueError) as error:
-            return None, f"{location}: {_describe(error)}"
+        for attempt in range(self.config.read_retries + 1):
+            try:
+                fs, fs_path = self._fs(location)
+                return fs.cat_file(fs_path), None
+            except _PERMANENT_OS_ERRORS as error:
+                return None, f"{location}: {_describe(error)}"
+            except (OSError, ValueError) as error:
+                if isinstance(error, ValueError) or attempt == self.config.read_retries:
+                    tries = f" (after {attempt + 1} attempts)" if attempt else ""
+                    return None, f"{location}: {_describe(error)}{tries}"
+                time.sleep(self.config.retry_backoff_s * 2**attempt)
+        raise AssertionError("unreachable")
 
 
 READERS: dict[str, type[ShardReader]] = {
@@ -757,6 +963,6 @@ def split_by_status(batch: pa.Table, stage: str = "read") -> tuple[pa.Table, pa.
     succeeded = pc.fill_null(pc.equal(batch["status"], SUCCESS), False)
     good = batch.filter(succeeded)
     failed = batch.filter(pc.invert(succeeded))
-    reasons = [f"status: {status}" if status is not None else "status: null" for status in failed["status"].to_pylist()]
+    reasons = [status_reason(status) for status in failed["status"].to_pylist()]
     details = failed["error_message"].to_pylist() if "error_message" in failed.column_names else None
     return good, reject_table(failed, reasons, details, stage)

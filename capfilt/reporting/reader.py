@@ -142,6 +142,8 @@ class OutputReader:
                                        f"filtered {c.get('filtered')} + rejected {c.get('rejected')}")
             if counts and counts.get("error"):
                 status.problems.append(f"unreadable: {counts['error']}")
+            elif counts and counts.get("reasons", {}).get("rows_unreadable"):
+                status.problems.append(f"{counts['reasons']['rows_unreadable']} rows unreadable (see the rejects)")
             statuses.append(status)
         return statuses
 

@@ -140,11 +140,12 @@ def read_unit(source_json: str, path: str, expected_pairs: int) -> dict[str, Any
     """One unit's pairs with their image bytes, or the reason it cannot be trained on (run as a Ray task)."""
     from capfilt.config import PairSource
     from capfilt.data.pairs import read_unit_pairs
+    from capfilt.data.shards import ShardError
 
     source = PairSource.model_validate_json(source_json)
     try:
         table = read_unit_pairs(source, path)
-    except (OSError, ValueError, pa.ArrowException) as error:
+    except (ShardError, OSError, ValueError, pa.ArrowException) as error:
         return {"error": "shard_unreadable", "detail": f"{path}: {type(error).__name__}: {error}"[:500]}
     if table.num_rows != expected_pairs:
         return {"error": "shard_changed",

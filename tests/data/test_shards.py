@@ -19,9 +19,9 @@ from capfilt.data.shards import (
     REJECT_SCHEMA,
     FolderReader,
     ParquetShardReader,
-    ShardKeyError,
     ShardReadError,
     ShardSchemaError,
+    ShardTransientError,
     WebDatasetShardReader,
     expand_braces,
     expand_paths,
@@ -244,22 +244,137 @@ def test_columns_projection_reads_only_what_is_asked(tmp_path):
         read_all(ParquetShardReader(columns=["nope"]), path)
 
 
-def test_duplicate_keys_name_the_file_and_key(tmp_path):
+def test_duplicate_and_missing_keys_are_row_level_rejects(tmp_path):
     path = tmp_path / "dup.parquet"
-    pq.write_table(pa.table({"key": ["a", "b", "a"], "jpg": [jpeg()] * 3, "caption": ["x"] * 3}), path)
-    with pytest.raises(ShardKeyError) as caught:
-        read_all(ParquetShardReader(batch_size=2), str(path))
-    assert "dup.parquet" in str(caught.value) and "'a'" in str(caught.value) and "rows 0 and 2" in str(caught.value)
-    # with derived keys the same file reads
-    assert read_all(ParquetShardReader(key_column=None), str(path)).num_rows == 3
+    keys = ["a", "b", "a", None, "", "c"]
+    pq.write_table(pa.table({"key": keys, "jpg": [jpeg()] * 6, "caption": ["x"] * 6}), path)
+    table = read_all(ParquetShardReader(batch_size=2), str(path))
+    assert table.num_rows == 6  # every row of the shard, in order
+    assert table["status"].to_pylist() == ["success", "success", "duplicate_key", "key_missing", "key_missing",
+                                           "success"]
+    good, rejects = split_by_status(table)
+    assert good["key"].to_pylist() == ["a", "b", "c"]  # the first row with a key keeps it
+    assert rejects["reason"].to_pylist() == ["duplicate_key", "key_missing", "key_missing"]
+    assert rejects["detail"][0].as_py() == "key 'a' first at row 0, which keeps it"
+    assert rejects["source_key"].to_pylist() == ["dup.parquet:2", "dup.parquet:3", "dup.parquet:4"]
+    # with derived keys every row keeps its own
+    assert read_all(ParquetShardReader(key_column=None), str(path))["status"].to_pylist() == ["success"] * 6
+
+
+def test_a_failed_row_keeps_its_own_reason_when_its_key_repeats(tmp_path):
+    path = tmp_path / "dup.parquet"
+    pq.write_table(pa.table({"key": ["a", "a"], "jpg": [None, jpeg()], "caption": ["x", "y"],
+                             "status": ["failed_to_download", "success"], "error_message": ["404", None]}), path)
+    _, rejects = split_by_status(read_all(ParquetShardReader(), str(path)))
+    assert rejects["reason"].to_pylist() == ["status: failed_to_download", "duplicate_key"]
 
 
 def test_duplicate_keys_across_shards(tmp_path):
     write_img2dataset_shard(tmp_path, 0, SAMPLES)
     (tmp_path / "copy").mkdir()
     write_img2dataset_shard(tmp_path / "copy", 0, SAMPLES)
-    with pytest.raises(ShardKeyError, match="000000000"):
-        list(ParquetShardReader().read(str(tmp_path / "**/*.parquet")))
+    batches = list(ParquetShardReader().read(str(tmp_path / "**/*.parquet")))
+    second = pa.concat_tables(batches[len(batches) // 2:])
+    _, rejects = split_by_status(second)
+    duplicates = [row["detail"] for row in rejects.to_pylist() if row["reason"] == "duplicate_key"]
+    assert len(duplicates) == 3 and "'000000000' first at" in duplicates[0]
+
+
+def test_a_corrupt_row_group_costs_its_own_rows_only(tmp_path):
+    path = tmp_path / "groups.parquet"
+    table = pa.table({"key": [f"k{i}" for i in range(9)], "jpg": [jpeg()] * 9, "caption": [f"c{i}" for i in range(9)],
+                      "url": [f"u{i}" for i in range(9)]})
+    pq.write_table(table, path, row_group_size=3, compression="snappy")
+    metadata = pq.ParquetFile(path).metadata
+    middle = metadata.row_group(1).column(1)  # the jpg column chunk of the middle row group
+    data = bytearray(path.read_bytes())
+    start = middle.dictionary_page_offset or middle.data_page_offset  # the chunk begins at its dictionary
+    data[start + 20 : start + middle.total_compressed_size - 4] = b"\xff" * (middle.total_compressed_size - 24)
+    path.write_bytes(bytes(data))
+    out = read_all(ParquetShardReader(batch_size=2), str(path))
+    assert out["row"].to_pylist() == list(range(9))
+    assert out["status"].to_pylist() == ["success"] * 3 + ["rows_unreadable"] * 3 + ["success"] * 3
+    assert out["key"].to_pylist()[6:] == ["k6", "k7", "k8"]
+    assert out["key"].to_pylist()[3:6] == [None] * 3
+    assert "row group 1" in out["error_message"][3].as_py()
+    _, rejects = split_by_status(out)
+    assert rejects["reason"].to_pylist() == ["rows_unreadable"] * 3
+
+
+def test_a_schema_error_carries_the_rows_the_footer_counts(tmp_path):
+    path = tmp_path / "no-caption.parquet"
+    pq.write_table(pa.table({"jpg": [jpeg()] * 4}), path)
+    with pytest.raises(ShardSchemaError) as caught:
+        read_all(ParquetShardReader(), str(path))
+    assert caught.value.rows == 4
+    assert pickle.loads(pickle.dumps(caught.value)).rows == 4
+
+
+class FlakyFileSystem:
+    """A local fsspec filesystem whose opens or reads fail with ``error``, ``failures`` times, after ``after``
+    good reads (as a network store does in the middle of a transfer)."""
+
+    def __init__(self, failures: int, error=TimeoutError, on="read", after=0):
+        from fsspec.implementations.local import LocalFileSystem
+
+        self.failures, self.error, self.on, self.after = failures, error, on, after
+        flaky = self
+
+        class Handle(io.FileIO):
+            def read(self, *args):
+                if flaky.on == "read" and flaky.failures > 0:
+                    if flaky.after > 0:
+                        flaky.after -= 1
+                    else:
+                        flaky.failures -= 1
+                        raise flaky.error("connection reset by peer")
+                return super().read(*args)
+
+        class FS(LocalFileSystem):
+            def _open(self, path, mode="rb", **kwargs):
+                if flaky.on == "open" and flaky.failures > 0:
+                    flaky.failures -= 1
+                    raise flaky.error("503 Slow Down")
+                return Handle(path, "rb")
+
+        self.fs = FS()
+
+
+@pytest.mark.parametrize("on, after", [("open", 0), ("read", 0), ("read", 6)], ids=["open", "read", "mid-file"])
+def test_storage_errors_are_retried_without_repeating_or_losing_a_row(tmp_path, monkeypatch, on, after):
+    import fsspec.core
+
+    path = str(tmp_path / "groups.parquet")
+    rows = 40
+    pq.write_table(pa.table({"key": [f"k{i}" for i in range(rows)], "jpg": [jpeg()] * rows,
+                             "caption": [f"c{i}" for i in range(rows)]}), path, row_group_size=4)
+    expected = read_all(ParquetShardReader(batch_size=3), path)
+    flaky = FlakyFileSystem(failures=2, on=on, after=after)
+    monkeypatch.setattr(fsspec.core, "url_to_fs", lambda url, **options: (flaky.fs, url))
+    waits = []
+    reader = ParquetShardReader(batch_size=3, read_retries=2, retry_backoff_s=0.5)
+    batches = list(reader.read_shard(path, sleep=waits.append))
+    got = pa.concat_tables(batches)
+    assert got.equals(expected)  # every row once, in order
+    assert waits == [0.5, 1.0] and flaky.failures == 0
+    if after:
+        assert len(batches) > 1 and batches[0].num_rows == 3  # rows went out before the failure
+
+    flaky.failures, flaky.after = 3, 0  # one more than the retries
+    with pytest.raises(ShardTransientError, match="groups.parquet.*3 attempts"):
+        list(reader.read_shard(path, sleep=waits.append))
+
+
+def test_corrupt_files_are_not_retried(tmp_path):
+    bad = tmp_path / "00000.parquet"
+    bad.write_bytes(b"not parquet at all, not even close")
+    waits = []
+    with pytest.raises(ShardReadError):
+        list(ParquetShardReader(read_retries=3).read_shard(str(bad), sleep=waits.append))
+    assert waits == []
+    with pytest.raises(FileNotFoundError):
+        list(ParquetShardReader(read_retries=3).read_shard(str(tmp_path / "gone.parquet"), sleep=waits.append))
+    assert waits == []
 
 
 @pytest.mark.parametrize(
@@ -325,6 +440,8 @@ def test_img2dataset_webdataset_with_sidecar_failures(tmp_path):
     assert table["key"].to_pylist() == ["000000000", "000000002", "000000004", "000000001", "000000003"]
     assert table["source_key"].to_pylist()[:3] == ["00000.tar:0", "00000.tar:1", "00000.tar:2"]
     assert table["source_key"].to_pylist()[3:] == ["00000.parquet:1", "00000.parquet:3"]
+    # (shard, row) names one row of the shard: the sidecar's rows follow the tar's, never reuse its indices
+    assert table["row"].to_pylist() == [0, 1, 2, 3, 4] and set(table["shard"].to_pylist()) == {path}
     assert table["caption"].to_pylist()[:2] == ["A red box.", "A green box!"]
     assert table["image"].to_pylist()[1] == SAMPLES[2][0]
     assert table["url"].to_pylist()[0] == "http://example.com/000000000.jpg"
@@ -435,5 +552,10 @@ def test_hand_made_webdataset_without_sidecar(tmp_path):
         add(tar, "x1.jpg", jpeg())
         add(tar, "x2.jpg", jpeg())
         add(tar, "x1.txt", b"the same key again, not contiguous")
-    with pytest.raises(ShardKeyError, match="shard-a.tar.*duplicate key 'x1'"):
-        read_all(WebDatasetShardReader(), str(path))
+        add(tar, "x3.jpg", jpeg())
+        add(tar, "x3.json", b"{not json")
+        add(tar, "x4.jpg", jpeg())
+    table = read_all(WebDatasetShardReader(), str(path))
+    assert table["key"].to_pylist() == ["x1", "x2", "x1", "x3", "x4"]
+    assert table["status"].to_pylist() == ["success", "success", "duplicate_key", "rows_unreadable", "success"]
+    assert table["error_message"][3].as_py().startswith("x3.json is not JSON")

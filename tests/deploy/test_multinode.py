@@ -148,9 +148,9 @@ class Cluster:
             env=self.env, cwd=self.temp_dir,
         )
 
-    def start_head(self) -> None:
+    def start_head(self, num_cpus: int = 1) -> None:
         self.head = self._start(
-            "head", "--head", f"--node-ip-address={HEAD_IP}", f"--port={self.gcs_port}", "--num-cpus=1",
+            "head", "--head", f"--node-ip-address={HEAD_IP}", f"--port={self.gcs_port}", f"--num-cpus={num_cpus}",
             "--include-dashboard=true", f"--dashboard-host={HEAD_IP}", f"--dashboard-port={self.dashboard_port}",
             f"--ray-client-server-port={self.ports.one()}",
         )
@@ -526,7 +526,7 @@ def _kill_a_worker_mid_job(cluster: Cluster, world, models, root: Path) -> None:
 # MED pretraining as a multi-node job
 # --------------------------------------------------------------------------------------------------
 
-TRAIN_STEPS, TRAIN_CHECKPOINT_EVERY, TRAIN_BATCH = 40, 10, 8
+TRAIN_STEPS, TRAIN_CHECKPOINT_EVERY, TRAIN_BATCH = 24, 6, 8
 
 
 def _train_job_dir(root: Path) -> Path:
@@ -536,7 +536,7 @@ def _train_job_dir(root: Path) -> Path:
         "name": "multinode-train",
         "run_dir": str(root.parent / f"{root.name}-run"),
         "synth": {"seed": 2, "num_web": 48, "num_human": 16, "num_test": 4, "num_labelled": 0, "image_size": 32,
-                  "rows_per_shard": 8},
+                  "rows_per_shard": 16},  # 4 units: fewer index tasks, each a new Ray worker process
         "tokenizer": {"vocab_size": 200},
         "model": {"preset": "tiny",
                   "vision": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "heads": 2, "mlp_dim": 128},

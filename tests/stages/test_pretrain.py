@@ -18,6 +18,9 @@ from capfilt.stages.pretrain import prepare_tokenizer, run_pretrain
 from capfilt.training.loop import read_log
 
 STEPS, CHECKPOINT_EVERY = 60, 20
+# The run killed twice (killed_twice): a checkpoint every 10 steps, so the resumed run makes one of its
+# own well before the end wherever the first kill lands.
+TWICE_EVERY = 10  # checkpoint_every of the run killed twice
 
 # Run in a child process so the test can SIGKILL a driver that owns its own Ray cluster.
 CHILD = """
@@ -106,12 +109,34 @@ def _losses(records) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-def test_killed_pretraining_resumes_from_its_checkpoint_and_learns(ray_cluster, small_world, tokenizer_dir,
-                                                                    tmp_path):
-    from capfilt.models.med import load_med
+def _kill_the_worker_past_a_checkpoint_of_this_run(log_path: Path, killed: dict) -> None:
+    """SIGKILL the Ray Train worker once the run that last started has trained 3 steps past a checkpoint."""
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        records = read_log(str(log_path))
+        starts = [index for index, r in enumerate(records) if r.get("event") == "start"]
+        current = records[starts[-1]:] if len(starts) >= 2 else []  # the resumed run's records
+        checkpoints = [r["step"] for r in current if r.get("event") == "checkpoint"]
+        if checkpoints and max(_losses(current), default=0) >= checkpoints[-1] + 3:
+            for pid in _descendants_named("RayTrainWorker"):
+                os.kill(pid, signal.SIGKILL)
+                killed.update(pid=pid, losses=_losses(records))
+            return
+        time.sleep(0.05)
 
+
+@pytest.fixture(scope="module")
+def killed_twice(ray_cluster, small_world, tokenizer_dir, tmp_path_factory):
+    """One pretraining run killed twice: its driver (a child process, SIGKILL) past its first checkpoint;
+    then, resumed here, its training worker past a checkpoint of the resumed run, which restarts from it.
+
+    Two tests read what happened: the resume after the driver was killed, and the restart after the
+    worker was lost. Each start of Ray Train costs ~20 s on two cores, so one run serves both."""
+    import threading
+
+    tmp_path = tmp_path_factory.mktemp("killed-twice")
     out_dir = tmp_path / "pretrain"
-    args = {"train": _train().model_dump(mode="json"), "model": _model().model_dump(mode="json"),
+    args = {"train": _train(checkpoint_every=TWICE_EVERY).model_dump(mode="json"), "model": _model().model_dump(mode="json"),
             "tokenizer_dir": tokenizer_dir, "sources": [s.model_dump(mode="json") for s in _sources(small_world)],
             "out_dir": str(out_dir)}
     (tmp_path / "args.json").write_text(json.dumps(args))
@@ -120,7 +145,7 @@ def test_killed_pretraining_resumes_from_its_checkpoint_and_learns(ray_cluster, 
     log_path = out_dir / "train_log.jsonl"
     try:
         # Kill the driver once it has trained past its first checkpoint.
-        _wait_for(lambda: max(_losses(read_log(str(log_path))), default=0) >= CHECKPOINT_EVERY + 3, child, 240,
+        _wait_for(lambda: max(_losses(read_log(str(log_path))), default=0) >= TWICE_EVERY + 3, child, 240,
                   "training past the first checkpoint")
         os.kill(child.pid, signal.SIGKILL)
     finally:
@@ -130,23 +155,45 @@ def test_killed_pretraining_resumes_from_its_checkpoint_and_learns(ray_cluster, 
     # The dead driver's Ray workers outlive it by a moment; let them go before the rerun (which would
     # stop them anyway: see capfilt.training.checkpoint.CURRENT_FILE).
     _wait_until_quiet(log_path, seconds=3.0, timeout_s=60)
-    killed_losses = _losses(read_log(str(log_path)))
-    first = out_dir / "checkpoints" / "attempt-000" / f"step_{CHECKPOINT_EVERY:08d}"
-    state = json.loads((first / "state.json").read_text())
-    assert {"med.safetensors", "med.json", "optimizer.pt"} <= set(state["files"])
-    assert not (out_dir / "_RESULT.json").exists()
+    first = out_dir / "checkpoints" / "attempt-000" / f"step_{TWICE_EVERY:08d}"
+    facts = {"out_dir": out_dir, "log_path": log_path, "killed_losses": _losses(read_log(str(log_path))),
+             "first_checkpoint_files": set(json.loads((first / "state.json").read_text())["files"]),
+             "result_before_resume": (out_dir / "_RESULT.json").exists(), "messages": [], "worker_killed": {}}
 
-    messages: list[str] = []
-    result = run_pretrain(_train(), _model(), tokenizer_dir, _sources(small_world), str(out_dir),
-                          log=messages.append)
+    killer = threading.Thread(target=_kill_the_worker_past_a_checkpoint_of_this_run,
+                              args=(log_path, facts["worker_killed"]), daemon=True)
+    killer.start()
+    facts["result"] = run_pretrain(_train(checkpoint_every=TWICE_EVERY), _model(), tokenizer_dir, _sources(small_world),
+                                   str(out_dir), log=facts["messages"].append)
+    killer.join(timeout=5)
+    facts["records"] = read_log(str(log_path))
+    return facts
+
+
+def _reported_steps(messages: list[str]) -> tuple[list[int], list[int]]:
+    """The steps the stage reported before and after it restarted from a lost worker."""
+    restart = next((i for i, m in enumerate(messages) if "restarting from the last checkpoint" in m), len(messages))
+    steps = [[int(m.split()[2].split("/")[0]) for m in part if m.startswith("[pretrain] step ")]
+             for part in (messages[:restart], messages[restart:])]
+    return steps[0], steps[1]
+
+
+def test_killed_pretraining_resumes_from_its_checkpoint_and_learns(killed_twice, small_world, tokenizer_dir):
+    from capfilt.models.med import load_med
+
+    out_dir, messages, result, records = (killed_twice[k] for k in ("out_dir", "messages", "result", "records"))
+    killed_losses = killed_twice["killed_losses"]
+    assert {"med.safetensors", "med.json", "optimizer.pt"} <= killed_twice["first_checkpoint_files"]
+    assert not killed_twice["result_before_resume"]
 
     resumed = result["resumed_from_step"]
-    assert resumed is not None and resumed % CHECKPOINT_EVERY == 0 and CHECKPOINT_EVERY <= resumed < STEPS
+    assert resumed is not None and resumed % TWICE_EVERY == 0 and TWICE_EVERY <= resumed < STEPS
     assert any(f"resuming from step {resumed}" in message for message in messages)
-    assert sum(message.startswith("[pretrain] step ") for message in messages) == STEPS - resumed
-    records = read_log(str(log_path))
+    # Each step from there on is reported once, up to the lost worker's restart (see the test below).
+    before_restart, _ = _reported_steps(messages)
+    assert before_restart and before_restart == list(range(resumed + 1, before_restart[-1] + 1)), before_restart
     starts = [r for r in records if r.get("event") == "start"]
-    assert [s["step"] for s in starts] == [0, resumed] and starts[-1]["resumed_from"].endswith(
+    assert [s["step"] for s in starts][:2] == [0, resumed] and starts[1]["resumed_from"].endswith(
         f"step_{resumed:08d}")
     losses = _losses(records)
     assert sorted(losses) == list(range(1, STEPS + 1))  # each step once: the killed run's tail was rewound
@@ -170,7 +217,8 @@ def test_killed_pretraining_resumes_from_its_checkpoint_and_learns(ray_cluster, 
     assert (Path(result["med"]) / "tokenizer.json").is_file()
     assert not (out_dir / "checkpoints").exists()
 
-    # Complete: a rerun returns the record without training; other settings are refused.
+    # Complete: a rerun returns the record without training (checkpoint_every is a runtime setting);
+    # other settings are refused.
     again: list[str] = []
     assert run_pretrain(_train(), _model(), tokenizer_dir, _sources(small_world), str(out_dir),
                         log=again.append) == result
@@ -327,42 +375,18 @@ def _descendants_named(marker: str) -> list[int]:
     return found
 
 
-def test_a_training_worker_lost_mid_run_restarts_from_the_last_checkpoint(ray_cluster, small_world, tokenizer_dir,
-                                                                          tmp_path):
-    import threading
-
-    out_dir = tmp_path / "pretrain"
-    log_path = out_dir / "train_log.jsonl"
-    killed: dict = {}
-
-    def kill_the_worker_past_a_checkpoint():
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            records = read_log(str(log_path))
-            checkpoints = [r["step"] for r in records if r.get("event") == "checkpoint"]
-            if checkpoints and max(_losses(records), default=0) >= checkpoints[-1] + 3:
-                for pid in _descendants_named("RayTrainWorker"):
-                    os.kill(pid, signal.SIGKILL)
-                    killed.update(pid=pid, losses=_losses(records))
-                return
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_the_worker_past_a_checkpoint, daemon=True)
-    killer.start()
-    messages: list[str] = []
-    result = run_pretrain(_train(), _model(), tokenizer_dir, _sources(small_world), str(out_dir),
-                          log=messages.append)
-    killer.join(timeout=5)
-
+def test_a_training_worker_lost_mid_run_restarts_from_the_last_checkpoint(killed_twice):
+    killed, messages, result, records = (killed_twice[k] for k in ("worker_killed", "messages", "result", "records"))
     assert killed, "the training worker was never found to kill"
     assert result["steps"] == STEPS and Path(result["med"]).is_dir()
     assert any("lost 1 worker(s)" in message and "restarting from the last checkpoint" in message
                for message in messages), messages
-    records = read_log(str(log_path))
+    # The resumed run (the second start) lost its worker past a checkpoint it made, and restarted from it.
     starts = [r["step"] for r in records if r.get("event") == "start"]
-    assert len(starts) == 2 and starts[0] == 0 and starts[1] % CHECKPOINT_EVERY == 0 and starts[1] > 0
+    assert len(starts) == 3 and starts[0] == 0 and starts[2] % TWICE_EVERY == 0 and starts[2] > starts[1]
+    assert _reported_steps(messages)[1] == list(range(starts[2] + 1, STEPS + 1))
     losses = _losses(records)
     assert sorted(losses) == list(range(1, STEPS + 1))  # the same final step count, each step once
     # The restarted run trains the same samples in each step: the steps both ran agree exactly.
-    overlap = [step for step in killed["losses"] if step > starts[1]]
+    overlap = [step for step in killed["losses"] if step > starts[2]]
     assert overlap and all(losses[step] == pytest.approx(killed["losses"][step], abs=1e-5) for step in overlap)

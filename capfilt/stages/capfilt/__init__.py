@@ -18,8 +18,10 @@ carrying its texts, scores and decisions; the driver explodes results into ``pai
 exactly and a resumed run redoes only shards that no commit covers. A shard that cannot be read at
 all is recorded in the manifest with its error instead of failing the run.
 
-Synthetic captions depend only on (seed, key, round, caption index) (see
-:mod:`capfilt.inference.captioner`), so outputs do not depend on batch size, actor count or restarts.
+Synthetic captions depend only on (seed, key, round, caption index), given the weights, device and dtype
+(see :mod:`capfilt.inference.captioner`): on CPU in float32 outputs do not depend on batch size, actor
+count or restarts; on a GPU, in bf16 above all, kernels picked by batch shape round logits differently in
+the last bits, so batch composition can flip a rare token (and move an ITM score near the threshold).
 
 The package keeps those parts apart, as the stream runs:
 
@@ -33,6 +35,7 @@ The package keeps those parts apart, as the stream runs:
 from capfilt.stages.capfilt.assemble import ReadyShard, ShardAssembler, explode, shard_counts
 from capfilt.stages.capfilt.read import NORMALISED_COLUMNS, ReadAndDecode, ShardTask, binary_rows, resize_uint8
 from capfilt.stages.capfilt.run import (
+    InputReadError,
     actor_pool,
     build_manifest,
     fingerprint,
@@ -66,6 +69,7 @@ from capfilt.stages.capfilt.worker import (
 
 __all__ = [
     "CapFiltWorker",
+    "InputReadError",
     "DECODED_SCHEMA",
     "FILTERED",
     "HUMAN",

@@ -20,6 +20,7 @@ from capfilt.stages.capfilt.schemas import (
     REJECTED,
     REJECTS_SCHEMA,
     RESULT_SCHEMA,
+    SHARD_UNAVAILABLE,
     SYNTHETIC,
     WEB,
 )
@@ -165,14 +166,15 @@ class ShardAssembler:
         self.ready_rows = 0  # input rows of the ready shards
         self.ready_bytes = 0  # Arrow bytes of their pair and reject rows
         self.committed: set[str] = set()
+        self.unavailable: dict[str, str] = {}  # shards whose storage failed after retries: not committed
 
     def add(self, batch: pa.Table) -> None:
         rows = batch.column("row").to_pylist()
         shards = batch.column("shard").to_pylist()
         markers = [i for i, row in enumerate(rows) if row == MARKER_ROW]
         for i in markers:
-            self.expected[shards[i]] = (batch.column("shard_rows")[i].as_py(), batch.column("reason")[i].as_py() and
-                                        f"{batch.column('reason')[i].as_py()}: {batch.column('detail')[i].as_py()}")
+            reason, detail = batch.column("reason")[i].as_py(), batch.column("detail")[i].as_py()
+            self.expected[shards[i]] = (batch.column("shard_rows")[i].as_py(), reason and f"{reason}: {detail}")
         data = batch.filter(pa.array([row != MARKER_ROW for row in rows])) if markers else batch
         for shard in set(data.column("shard").to_pylist()):
             part = data.filter(pc.equal(data.column("shard"), shard))
@@ -188,9 +190,13 @@ class ShardAssembler:
             return
         if self.seen.get(shard, 0) > self.expected[shard][0]:
             raise RuntimeError(f"{shard}: {self.seen[shard]} result rows for {self.expected[shard][0]} input rows")
-        if shard in self.ready or shard in self.committed:
+        if shard in self.ready or shard in self.committed or shard in self.unavailable:
             return  # complete already (a repeated end marker)
         tables = self.partial.pop(shard, [])
+        error = self.expected[shard][1]
+        if error and error.startswith(f"{SHARD_UNAVAILABLE}: "):
+            self.unavailable[shard] = error  # its rows so far are dropped: a later run reads the whole shard
+            return
         table = pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()
         pairs, rejects = explode(table, *self.labels)
         self.ready[shard] = ReadyShard(shard, shard_counts(table, *self.expected[shard]), pairs, rejects)
@@ -216,7 +222,8 @@ class ShardAssembler:
         self.ready, self.ready_rows, self.ready_bytes = {}, 0, 0
 
     def pending(self) -> list[str]:
-        return sorted(set(self.partial) | {s for s in self.expected if s not in self.committed and s not in self.ready})
+        finished = self.committed | set(self.ready) | set(self.unavailable)
+        return sorted(set(self.partial) | {shard for shard in self.expected if shard not in finished})
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from capfilt.config import ReaderConfig
-from capfilt.stages.capfilt.schemas import DECODED_SCHEMA, MARKER_ROW, WEB
+from capfilt.stages.capfilt.schemas import DECODED_SCHEMA, MARKER_ROW, SHARD_UNAVAILABLE, SHARD_UNREADABLE, WEB
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class ReadAndDecode:
             yield from self.read_shard(ShardTask(str(url), str(role), json.loads(reader)))
 
     def read_shard(self, task: ShardTask) -> Iterator[pa.Table]:
-        from capfilt.data.shards import ShardError, make_reader
+        from capfilt.data.shards import ShardError, ShardTransientError, make_reader
 
         rows_seen = 0
         try:
@@ -76,15 +76,25 @@ class ReadAndDecode:
                 rows_seen += rows.num_rows
                 for start in range(0, rows.num_rows, self.decode_batch_size):
                     yield self.decode(rows.slice(start, self.decode_batch_size), task)
-        except ShardError as error:
-            if rows_seen:
-                raise  # rows already went downstream: fail loudly rather than half-count a shard
-            yield _marker(task, rows=0, reason="shard_unreadable", detail=str(error))
+        except ShardTransientError as error:
+            # Storage failed after the reader's retries: the shard is not done, so it is not committed
+            # (its rows already sent are dropped by the driver) and the next run reads it again.
+            yield _marker(task, rows=rows_seen, reason=SHARD_UNAVAILABLE, detail=error.message)
+            return
+        except (ShardError, FileNotFoundError, PermissionError) as error:
+            detail = error.message if isinstance(error, ShardError) else f"{type(error).__name__}: {error}"
+            # Rows the footer counts but that could not be read are rejected one by one, so the shard's
+            # rows_in is the rows it has; without a footer count, the rows read before the problem.
+            total = max(getattr(error, "rows", None) or 0, rows_seen)
+            for start in range(rows_seen, total, 65536):
+                yield _unread_rows(task, start, min(total, start + 65536), detail)
+            yield _marker(task, rows=total, reason=SHARD_UNREADABLE, detail=detail)
             return
         yield _marker(task, rows=rows_seen)
 
     def decode(self, rows: pa.Table, task: ShardTask) -> pa.Table:
         from capfilt.data.images import DecodeError, decode_image
+        from capfilt.data.shards import status_reason
 
         n = rows.num_rows
         status = rows.column("status").to_pylist()
@@ -98,8 +108,7 @@ class ReadAndDecode:
         filled = 0
         for i in range(n):
             if status[i] != "success":
-                # As capfilt.data.shards.split_by_status words it.
-                reason[i], detail[i] = f"status: {status[i]}", error_message[i]
+                reason[i], detail[i] = status_reason(status[i]), error_message[i]
             elif task.role == WEB:
                 try:
                     image = decode_image(images[i], self.max_pixels)
@@ -126,6 +135,18 @@ class ReadAndDecode:
 
 
 NORMALISED_COLUMNS = {"key", "source_key", "shard", "row", "image", "caption", "status", "error_message", "sha256"}
+
+
+def _unread_rows(task: ShardTask, first: int, stop: int, detail: str) -> pa.Table:
+    from capfilt.data.shards import make_source_key
+
+    n = stop - first
+    record = {name: pa.nulls(n, DECODED_SCHEMA.field(name).type) for name in DECODED_SCHEMA.names}
+    record.update(shard=pa.array([task.url] * n), role=pa.array([task.role] * n),
+                  row=pa.array(range(first, stop), pa.int64()),
+                  source_key=pa.array([make_source_key(task.url, row) for row in range(first, stop)]),
+                  reason=pa.array([SHARD_UNREADABLE] * n), detail=pa.array([detail] * n))
+    return pa.Table.from_pydict(record, schema=DECODED_SCHEMA)
 
 
 def _marker(task: ShardTask, rows: int, reason: str | None = None, detail: str | None = None) -> pa.Table:

@@ -8,6 +8,9 @@ import pyarrow as pa
 WEB, HUMAN, SYNTHETIC = "web", "human", "synthetic"
 KEPT, FILTERED, REJECTED = "kept", "filtered", "rejected"
 MARKER_ROW = -1  # the end-of-shard record: carries the shard's row count or its read error
+# Shard-level read outcomes, on the marker. Unreadable: the file itself is broken (not retried; its
+# rows are rejected with this reason). Unavailable: storage kept failing after retries (not committed).
+SHARD_UNREADABLE, SHARD_UNAVAILABLE = "shard_unreadable", "shard_unavailable"
 
 # What crosses from the CPU tasks to the actors: one row per input row plus one end marker per shard.
 DECODED_SCHEMA = pa.schema(

@@ -1,0 +1,69 @@
+"""The runner's bookkeeping: complete stages are skipped, changed or stale ones refused (no Ray, fake stages)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from capfilt import runner
+from capfilt.config import PipelineConfig, TokenizerConfig, WorldConfig
+from capfilt.runner import StageConflictError, Step, run_pipeline
+
+
+def _fake_plan(monkeypatch, vocab_size: int = 200) -> list[str]:
+    """synth, pretrain_vision, tokenizer, pretrain_noisy, round_0/pretrain: what each runs is logged."""
+    ran: list[str] = []
+
+    def stage(run, step):
+        ran.append(step.name)
+        return {"dir": run.stage_dir(step.name)}
+
+    steps = [Step("synth", stage, WorldConfig()), Step("pretrain_vision", stage, WorldConfig(seed=1)),
+             Step("tokenizer", stage, TokenizerConfig(vocab_size=vocab_size)),
+             Step("pretrain_noisy", stage, WorldConfig(seed=2)),
+             Step("round_0/pretrain", stage, WorldConfig(seed=3), {"continue": "pretrain_noisy"})]
+    monkeypatch.setattr(runner, "plan", lambda config: steps)
+    return ran
+
+
+def test_a_stage_made_from_one_that_would_be_redone_is_refused(tmp_path, monkeypatch):
+    config, root = PipelineConfig(), tmp_path / "run"
+    ran = _fake_plan(monkeypatch)
+    run_pipeline(config, str(root), log=lambda _: None)
+    assert ran == ["synth", "pretrain_vision", "tokenizer", "pretrain_noisy", "round_0/pretrain"]
+
+    ran = _fake_plan(monkeypatch)
+    run_pipeline(config, str(root), log=lambda _: None)
+    assert ran == []  # all complete
+
+    ran = _fake_plan(monkeypatch, vocab_size=300)
+    with pytest.raises(StageConflictError, match="vocab_size: 200 -> 300.*delete that stage's directory"):
+        run_pipeline(config, str(root), log=lambda _: None)
+    assert ran == []
+
+    # Deleting the changed stage's directory alone would train on the old vocabulary: refused, before
+    # anything runs, naming every stage made from it.
+    shutil.rmtree(root / "tokenizer")
+    with pytest.raises(StageConflictError, match=r"pretrain_noisy \(from tokenizer\); round_0/pretrain \(from "
+                                                 r"pretrain_noisy, tokenizer\); delete the directories of "
+                                                 r"pretrain_noisy, round_0/pretrain too"):
+        run_pipeline(config, str(root), log=lambda _: None)
+    assert ran == []
+    for name in ("pretrain_noisy", "round_0"):
+        shutil.rmtree(root / name)
+    run_pipeline(config, str(root), log=lambda _: None)
+    assert ran == ["tokenizer", "pretrain_noisy", "round_0/pretrain"]
+
+    # A stage nothing later reads is redone alone.
+    ran = _fake_plan(monkeypatch, vocab_size=300)
+    shutil.rmtree(root / "pretrain_vision")
+    run_pipeline(config, str(root), log=lambda _: None)
+    assert ran == ["pretrain_vision"]
+
+
+def test_a_run_dir_url_is_refused_by_the_tokenizer_stage_that_writes_local_files():
+    config = PipelineConfig.model_validate({"data": {"web": {"paths": "w/*.parquet"}, "human": {"paths": "h/*.parquet"}},
+                                            "pretrain": {"steps": 3}})
+    with pytest.raises(ValueError, match="memory://runs/x: the tokenizer stage writes a local directory"):
+        run_pipeline(config, "memory://runs/x", log=lambda _: None)
