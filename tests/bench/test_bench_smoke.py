@@ -150,3 +150,14 @@ def test_peak_table_and_steady_state_rates():
     assert rates["startup_s"] == 2.0 and rates["steady_s"] == 8.0
     assert rates["images_per_s_steady"] == 30 / 8 and rates["images_per_s_total"] == round(40 / 12, 2)
     assert common.stage_rates(0.0, 1.0, [(0.5, 4)], 4)["images_per_s_steady"] is None
+
+
+def test_export_reports_memory_at_two_sizes():
+    result = _run_script("export.py", "--sizes", "100", "200", "--samples-per-shard", "60", "--rows-per-shard", "50",
+                         "--base-rows", "100")
+    assert result["benchmark"] == "export"
+    _assert_machine(result["machine"])
+    small, large = result["runs"]["rows_100"], result["runs"]["rows_200"]
+    assert large["samples"] == large["pairs"] > small["samples"] == small["pairs"] > 0 and large["errors"] == 0
+    assert {"driver.peak_anon_mb", "export_tasks.peak_anon_mb"} <= set(result["memory_growth"])
+    assert "private_memory_growth_met" in result["targets"]
