@@ -106,12 +106,14 @@ def read_pairs_file(path: str, storage_options: dict[str, Any], columns: list[st
 
 
 def count_file(path: str, settings_json: str, storage_options: dict[str, Any]) -> dict[str, Any]:
-    """A pairs file's counts for the plan: pairs, selected pairs, samples, exclusions (a Ray task)."""
+    """A pairs file's counts for the plan (pairs, selected pairs, samples, exclusions) and its extra
+    columns' kinds (:func:`extra_kinds`), in one read of its light columns; a Ray task."""
     settings = ExportConfig.model_validate_json(settings_json)
-    pairs = read_pairs_file(path, storage_options, ["source", "itm_prob", "shard", "row"])
+    pairs = read_pairs_file(path, storage_options, ["source", "itm_prob", "shard", "row", "extra"])
     selected, excluded = select(pairs, settings)
     return {"file": path, "pairs": pairs.num_rows, "selected": selected.num_rows,
-            "samples": len(samples_of(selected, settings.group_by)), "excluded": dict(excluded)}
+            "samples": len(samples_of(selected, settings.group_by)), "excluded": dict(excluded),
+            "extra": extra_kinds(pairs["extra"].to_pylist())}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,12 +312,11 @@ def _arrow_type(kind: str) -> pa.DataType:
     return {"int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}.get(kind, pa.string())
 
 
-def extra_kinds(path: str, storage_options: dict[str, Any]) -> dict[str, Any]:
-    """The extra input columns of a pairs file: the kinds of each one's values (int, float, bool, str, json)
-    and in how many of the file's rows it has a value; a Ray task."""
+def extra_kinds(texts: list[str | None]) -> dict[str, Any]:
+    """The extra input columns of a pairs file (its ``extra`` JSON texts): the kinds of each one's values
+    (int, float, bool, str, json) and in how many of the file's rows it has a value."""
     kinds: dict[str, set[str]] = {}
     present: Counter = Counter()
-    texts = read_pairs_file(path, storage_options, ["extra"])["extra"].to_pylist()
     for text in texts:
         for name, value in _extra(text).items():
             kinds.setdefault(name, set())
@@ -416,7 +417,7 @@ def run_export(capfilt_output: str, dest: str, settings: ExportConfig,
         ray.init()
     counts = ray.get([ray.remote(count_file).options(num_cpus=1).remote(path, settings.model_dump_json(), options)
                       for path in files])
-    kinds = merge_kinds(ray.get([ray.remote(extra_kinds).options(num_cpus=1).remote(path, options) for path in files]))
+    kinds = merge_kinds([count["extra"] for count in counts])
     specs = plan_shards(counts, settings.samples_per_shard)
     out = CommittedOutput(dest, settings.output_storage_options)
     out.claim({"export": identity(settings), "capfilt_output": capfilt_output,
