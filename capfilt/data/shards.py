@@ -596,20 +596,22 @@ class ParquetShardReader(ShardReader):
             columns = [name for name in schema.names if name in consumed or name in extras]
             key_book = _KeyBook(path)
             first_row = 0
-            # Row group by row group, so a corrupt one costs its own rows only.
+            # Row group by row group, so a corrupt one costs its own rows only (those not yet read).
             for group in range(parquet.num_row_groups):
-                group_rows = parquet.metadata.row_group(group).num_rows
-                try:
-                    batches = list(parquet.iter_batches(batch_size=self.config.batch_size, row_groups=[group],
-                                                        columns=columns, use_threads=False))
-                except _StorageError:
-                    raise
-                except (pa.ArrowException, OSError, ValueError) as error:
-                    yield self._unreadable_rows(path, first_row, group_rows, schema, extras,
-                                                f"row group {group}: {_describe(error)}")
-                    first_row += group_rows
-                    continue
-                for batch in batches:
+                group_end = first_row + parquet.metadata.row_group(group).num_rows
+                batches = parquet.iter_batches(batch_size=self.config.batch_size, row_groups=[group],
+                                               columns=columns, use_threads=False)
+                while True:
+                    try:
+                        batch = next(batches)
+                    except StopIteration:
+                        break
+                    except _StorageError:
+                        raise
+                    except (pa.ArrowException, OSError, ValueError) as error:
+                        yield self._unreadable_rows(path, first_row, group_end - first_row, schema, extras,
+                                                    f"row group {group}: {_describe(error)}")
+                        break
                     yield normalised_batch(
                         path,
                         range(first_row, first_row + batch.num_rows),
@@ -623,6 +625,7 @@ class ParquetShardReader(ShardReader):
                         key_book=key_book,
                     )
                     first_row += batch.num_rows
+                first_row = group_end
 
     @staticmethod
     def _unreadable_rows(path: str, first_row: int, num_rows: int, schema: pa.Schema, extras: list[str],
