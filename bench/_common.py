@@ -104,11 +104,12 @@ def shard_captions(paths: Iterable[str]) -> list[str]:
 
 
 def build_models(size: str, tokenizer, out_dir: str | Path, vocab_size: int | None = None, seed: int = 0,
-                 dtype=None) -> dict[str, str]:
+                 dtype=None, text_overrides: dict[str, Any] | None = None) -> dict[str, str]:
     """A random captioner and filter of ``size`` (:data:`MODEL_SIZES`), exported as capfilt exports them.
 
     ``vocab_size`` above the tokenizer's gives the LM head its real cost (BLIP-base: 30524); sampled ids
-    past the tokenizer decode to nothing.
+    past the tokenizer decode to nothing. ``text_overrides``: fields of the text tower to change
+    (e.g. ``max_position_embeddings``).
     """
     import torch
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval
@@ -118,7 +119,10 @@ def build_models(size: str, tokenizer, out_dir: str | Path, vocab_size: int | No
     from capfilt.models.med import text_config, vision_config
     from capfilt.models.tokens import special_ids
 
-    med = MedConfig(**MODEL_SIZES[size])
+    sizes = dict(MODEL_SIZES[size])
+    if text_overrides:
+        sizes["text"] = {**sizes.get("text", {}), **text_overrides}  # MedConfig merges it into the preset's
+    med = MedConfig(**sizes)
     vocab = max(vocab_size or 0, len(tokenizer))
     config = BlipConfig(
         text_config=text_config(med, vocab, special_ids(tokenizer)).to_dict(),

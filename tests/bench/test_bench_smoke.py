@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from bench import _common as common  # noqa: E402
-from bench import scaling, throughput  # noqa: E402
+from bench import peers, scaling, throughput  # noqa: E402
 
 
 def _printed_json(capsys) -> dict:
@@ -161,3 +161,45 @@ def test_export_reports_memory_at_two_sizes():
     assert large["samples"] == large["pairs"] > small["samples"] == small["pairs"] > 0 and large["errors"] == 0
     assert {"driver.peak_anon_mb", "export_tasks.peak_anon_mb"} <= set(result["memory_growth"])
     assert "private_memory_growth_met" in result["targets"]
+
+
+# bench/peers.py at tiny sizes, capfilt's side alone (--skip-peer): the peer environment
+# (.bench-peers-venv, Data-Juicer from PyPI) takes minutes to create, so the peer side is checked by
+# running the benchmark (bench/README.md section 7), not here.
+PEERS_TINY = ["--size", "test", "--flickr-images", "4", "--world-images", "8", "--world-image-size", "32",
+              "--rows-per-shard", "4", "--caption-shards", "1", "--ks", "1", "--batch-size", "4", "--caption-batch-size", "4",
+              "--diagnose-pairs", "3"]
+
+
+def _assert_peers_capfilt_side(result: dict, with_flickr: bool) -> None:
+    assert result["benchmark"] == "peers"
+    _assert_machine(result["machine"])
+    assert result["settings"]["data_juicer_max_new_tokens"] == 128 and result["settings"]["ks"] == [1]
+    expected = {"world"} | ({"flickr8k"} if with_flickr and (common.FLICKR / "images").is_dir() else set())
+    assert set(result["datasets"]) == expected
+    world = result["datasets"]["world"]
+    assert world["rows"] == 8 and world["shards"] == 2 and world["pairs"] == 8
+    assert 0.0 < world["threshold"] < 1.0  # capfilt's median probability
+    itm = world["itm_filter"]
+    assert itm["capfilt"]["images"] == 8 and itm["capfilt"]["images_per_s"] > 0 and itm["capfilt"]["rows_rejected"] == 0
+    account = itm["where_they_differ"]
+    assert account["pairs"] == 3 and account["capfilt_max_text_length"] == 35 and account["max_position_embeddings"] == 512
+    assert list(account["steps"]) == ["enc_first", "cls_first", "raw_text", "dj_truncation", "dj_pixels"]
+    # capfilt's own inputs through transformers' forward give capfilt's probabilities.
+    assert account["steps"]["enc_first"]["max_abs_diff"] < 1e-4
+    stage = world["capfilt_k1"]["capfilt"]
+    assert world["capfilt_k1"]["images"] == 4 and stage["images"] == 4 and stage["texts_scored"] == 8  # web + 1 each
+    assert stage["settings"]["max_length"] > 128 and stage["settings"]["max_text_length"] == 512
+    assert set(result["targets"]) >= {"itm_speedup_target", "itm_speedup_met", "keep_agreement_target", "keep_agreement_met"}
+
+
+def test_peers_capfilt_side_without_the_peer(local_ray, capsys, tmp_path):
+    result = peers.main([*PEERS_TINY, "--skip-peer", "--workdir", str(tmp_path)])
+    assert _printed_json(capsys) == json.loads(json.dumps(result, default=str))
+    _assert_peers_capfilt_side(result, with_flickr=True)
+    assert result["peer"]["skipped"] is True and result["peer"]["ok"] is False
+    world = result["datasets"]["world"]
+    assert world["itm_filter"]["data_juicer"] is None and world["itm_filter"]["capfilt_over_data_juicer"] is None
+    assert world["capfilt_k1"]["data_juicer"] is None
+    assert result["targets"]["itm_speedup_met"] is None and any("--skip-peer" in note for note in result["notes"])
+
