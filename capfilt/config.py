@@ -221,7 +221,10 @@ class CaptionSampling(Section):
     """How the captioner writes captions. Defaults are the BLIP CapFilt reference settings."""
 
     method: Literal["nucleus", "beam"] = "nucleus"
-    num_captions: int = Field(1, ge=1, description="K captions per image (nucleus); beam returns the best K")
+    num_captions: int = Field(
+        1, ge=0, description="K captions per image (nucleus); beam returns the best K. 0 in capfilt.sampling: no "
+        "synthetic captions, the filter alone (BLIP's 'filter only' ablation; no captioner is trained or loaded)",
+    )
     nucleus_top_p: float = Field(0.9, gt=0.0, le=1.0)
     top_k: int | None = Field(50, ge=1, description="None turns top-k off (the reference inherits 50)")
     temperature: float = Field(1.0, gt=0.0)
@@ -725,6 +728,20 @@ class CapFiltConfig(Section):
         json_schema_extra=RUNTIME,
     )
 
+    @property
+    def writes_captions(self) -> bool:
+        return self.sampling.num_captions > 0
+
+    @model_validator(mode="after")
+    def _check_work(self) -> "CapFiltConfig":
+        if not self.writes_captions and self.captioners:
+            raise ValueError("capfilt.captioners is set but capfilt.sampling.num_captions is 0 (the filter alone): "
+                             "remove one of them")
+        if not self.writes_captions and not self.score_web_text:
+            raise ValueError("capfilt.sampling.num_captions is 0 and capfilt.score_web_text is false: no text would "
+                             "be scored or kept")
+        return self
+
 
 # --------------------------------------------------------------------------------------------------
 # The pipeline -- capfilt/runner.py
@@ -754,6 +771,12 @@ class EvaluateConfig(Section):
         if isinstance(data, dict) and isinstance(data.get("sampling"), dict):
             data = {**data, "sampling": {**BEAM_EVAL_SAMPLING.model_dump(), **data["sampling"]}}
         return data
+
+    @model_validator(mode="after")
+    def _check_sampling(self) -> "EvaluateConfig":
+        if self.sampling.num_captions < 1:
+            raise ValueError("evaluate.sampling.num_captions must be at least 1: evaluation captions every test image")
+        return self
 
 
 class ReportConfig(Section):

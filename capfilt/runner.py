@@ -193,7 +193,7 @@ def _capfilt(run: Run, step: Step) -> dict[str, Any]:
     if section.human is None and data_reader(run, "human") is not None:
         update["human"] = data_reader(run, "human")
     for role, name in (("captioners", "captioner"), ("filters", "filter")):
-        if not getattr(section, role):
+        if not getattr(section, role) and name in step.inputs:
             update[role] = [ModelRef(path=run.output(step.inputs[name])["model"], name=f"{name}-round{step.inputs['round']}")]
     section = section.model_copy(update=update)
     output = section.output or run.stage_dir(step.name)
@@ -245,8 +245,8 @@ def plan(config: PipelineConfig) -> list[Step]:
         prefix = f"round_{round_}"
         inputs: dict[str, Any] = {"round": round_}
         for kind, section in (("captioner", config.finetune_captioner), ("filter", config.finetune_filter)):
-            if section is None:
-                continue
+            if section is None or (kind == "captioner" and not config.capfilt.writes_captions):
+                continue  # the filter alone (capfilt.sampling.num_captions: 0) needs no captioner
             if current_med is None:
                 raise ValueError(f"finetune_{kind}: needs a pretrain section or model.init to start from")
             steps.append(Step(f"{prefix}/finetune_{kind}", _finetune(kind), section, {"init": current_med}))

@@ -86,6 +86,31 @@ def test_the_plan_starts_every_round_where_the_noisy_pretraining_started_unless_
         plan(PipelineConfig.model_validate({"finetune_filter": {}, "capfilt": {}}))
 
 
+def test_the_filter_alone_plans_no_captioner_and_refuses_what_contradicts_it(tmp_path):
+    """BLIP's ablations as settings: num_captions 0 is the filter alone, threshold 0 keeps every text."""
+    from capfilt.config import PipelineConfig
+    from capfilt.runner import plan
+
+    sections = {"synth": {}, "pretrain": {}, "finetune_captioner": {}, "finetune_filter": {}, "evaluate": {}}
+    alone = plan(PipelineConfig.model_validate({**sections, "capfilt": {"sampling": {"num_captions": 0}}}))
+    steps = {step.name: step.inputs for step in alone}
+    assert "round_0/finetune_captioner" not in steps and "round_0/finetune_filter" in steps
+    assert steps["round_0/capfilt"] == {"round": 0, "filter": "round_0/finetune_filter"}
+    both = {step.name for step in plan(PipelineConfig.model_validate({**sections, "capfilt": {}}))}
+    assert "round_0/finetune_captioner" in both
+
+    path = tmp_path / "contradicts.yaml"
+    path.write_text("capfilt:\n  sampling: {num_captions: 0}\n  captioners: [{path: some/captioner}]\n")
+    with pytest.raises(ConfigError, match=r"capfilt: .*captioners is set but capfilt.sampling.num_captions is 0"):
+        load_pipeline(str(path))
+    path.write_text("capfilt:\n  sampling: {num_captions: 0}\n  score_web_text: false\n")
+    with pytest.raises(ConfigError, match="no text would be scored"):
+        load_pipeline(str(path))
+    path.write_text("evaluate:\n  sampling: {num_captions: 0}\n")
+    with pytest.raises(ConfigError, match="evaluate.sampling.num_captions must be at least 1"):
+        load_pipeline(str(path))
+
+
 def test_a_pipeline_is_read_from_object_storage(s3_server, monkeypatch):
     """`capfilt validate s3://...` and `load_pipeline`: through fsspec, credentials from the environment."""
     import s3fs

@@ -172,6 +172,8 @@ class Captioner:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
     ):
+        if sampling.num_captions < 1:
+            raise ValueError(f"a captioner writes at least one caption per image; num_captions is {sampling.num_captions}")
         self.device = torch.device(device)
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self.dtype = next(self.model.parameters()).dtype

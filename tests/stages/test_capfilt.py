@@ -123,6 +123,37 @@ def test_without_itc_similarity_the_same_rows_are_kept_and_itc_sim_is_null(basel
     assert all(r["itc_sim"] is None and r["itm_prob"] is not None for r in pairs)
 
 
+def test_the_filter_alone_scores_the_web_texts_as_with_captions(baseline, small_world, tiny_models, tmp_path):
+    """BLIP's 'filter only' row: no synthetic captions, no captioner loaded, the same web scores and decisions."""
+    output, manifest = baseline
+    alone = str(tmp_path / "filter-alone")
+    result = run_capfilt(_config(small_world, tiny_models, captioners=[], sampling={"num_captions": 0}), alone)
+    assert result["models"]["captioners"] == []
+    totals = result["totals"]
+    assert totals["rows_in"] == manifest["totals"]["rows_in"] == totals["kept"] + totals["filtered"] + totals["rejected"]
+    pairs = pq.read_table(f"{alone}/pairs")
+    assert "synthetic" not in set(pairs.column("source").to_pylist())
+    without_synthetic = lambda view: [row for row in view if row[2] != "synthetic"]  # noqa: E731
+    assert _rows(alone) == (without_synthetic(_rows(output)[0]), without_synthetic(_rows(output)[1]))
+    with pytest.raises(ValueError, match="at least one captioner is needed"):
+        run_capfilt(_config(small_world, tiny_models, captioners=[]), str(tmp_path / "no-captioner"))
+
+
+def test_threshold_zero_keeps_every_text(small_world, tiny_models, tmp_path, ray_cluster):
+    """BLIP's 'captioner only' row: every web and synthetic text kept, scores still recorded."""
+    everything = run_capfilt(_config(small_world, tiny_models, threshold=0.0), str(tmp_path / "keep-all"))
+    assert "itm_below_threshold" not in everything["totals"]["reasons"]
+    scored = [r["itm_prob"] for r in pq.read_table(f"{tmp_path}/keep-all/pairs").to_pylist() if r["source"] != "human"]
+    assert all(p is not None for p in scored)
+    # The same texts at a threshold inside their scores: the ones below it are what threshold 0 kept.
+    middle = sorted(scored)[len(scored) // 2]
+    assert min(scored) < middle
+    strict = run_capfilt(_config(small_world, tiny_models, threshold=middle), str(tmp_path / "strict"))
+    below = sum(p < middle for p in scored)
+    assert strict["totals"]["reasons"]["itm_below_threshold"] == below > 0
+    assert everything["totals"]["texts_kept"] == strict["totals"]["texts_kept"] + below
+
+
 def test_byte_limit_commits_whole_shards_sooner_with_the_same_rows(baseline, small_world, tiny_models, tmp_path):
     output, manifest = baseline
     target = str(tmp_path / "bytes")

@@ -200,8 +200,11 @@ def run_capfilt(config: CapFiltConfig, output: str, log=print) -> dict[str, Any]
     """Run (or resume) CapFilt into ``output``; returns the manifest."""
     import ray
 
-    if not config.captioners or not config.filters:
-        raise ValueError("capfilt.captioners and capfilt.filters: at least one of each is needed")
+    if not config.filters:
+        raise ValueError("capfilt.filters: at least one filter is needed")
+    if config.writes_captions and not config.captioners:
+        raise ValueError("capfilt.captioners: at least one captioner is needed (or capfilt.sampling.num_captions: 0 "
+                         "for the filter alone)")
     started = time.time()
     tasks = plan(config)
     provenance = {"captioners": [provenance_of(ref, "captioner") for ref in config.captioners],
