@@ -1,6 +1,7 @@
 # Two entry points, each creating the virtual environment when it is missing:
 #   make demo   - run the whole CapFilt loop on the generated world (pipelines/demo.yaml)
 #   make test   - lint (ruff) and run the test suite
+#   make paper  - BLIP's ablations on the generated world, one table (pipelines/paper.yaml; about an hour)
 PYTHON ?= python3
 VENV ?= .venv
 # torch and torchvision must be a matching pair (timm imports torchvision).
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.capfilt-installed
 # The report test (tests/reporting) opens the HTML in headless Chromium; test-tools installs it when missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-tools venv clean
+.PHONY: demo paper test test-tools venv clean
 
 venv: $(STAMP)
 
@@ -24,6 +25,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/capfilt run pipelines/demo.yaml
+
+# The demo's stages are the both_nucleus row's: a finished runs/demo is reused, not redone.
+paper: $(STAMP)
+	$(VENV)/bin/capfilt compare pipelines/paper.yaml --reuse-stages-from runs/demo
 
 test: $(STAMP) test-tools
 	$(VENV)/bin/ruff check capfilt tests bench

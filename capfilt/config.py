@@ -632,6 +632,13 @@ class CaptionerTrainConfig(TrainConfig):
     objectives: list[Literal["itc", "itm", "lm"]] = Field(["lm"])
     prompt: str = "a picture of "
     image: ImageConfig = ImageConfig()
+    # Out of the stage's identity: each member is a stage of its own, identified by its own seed (member 0
+    # is exactly the single model), and the CapFilt stage records which members it reads.
+    ensemble: int = Field(
+        1, ge=1, le=16, description="train this many, seeds seed, seed+1, ...; CapFilt uses every one: "
+        "capfilt.sampling.num_captions captions from each (an ensemble, a direction the paper leaves open)",
+        json_schema_extra=RUNTIME,
+    )
 
 
 class FilterTrainConfig(TrainConfig):
@@ -645,6 +652,13 @@ class FilterTrainConfig(TrainConfig):
     max_text_length: int = Field(35, ge=2)
     objectives: list[Literal["itc", "itm", "lm"]] = Field(["itc", "itm"])
     image: ImageConfig = ImageConfig()
+    # Out of the stage's identity: each member is a stage of its own, identified by its own seed (member 0
+    # is exactly the single model), and the CapFilt stage records which members it reads.
+    ensemble: int = Field(
+        1, ge=1, le=16, description="train this many, seeds seed, seed+1, ...; CapFilt uses every one: the mean of their "
+        "ITM match probabilities decides",
+        json_schema_extra=RUNTIME,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -870,6 +884,8 @@ def load_pipeline(path: str, storage_options: dict[str, Any] | None = None) -> P
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    if "base" in data and "rows" in data:
+        raise ConfigError(f"{path}: a comparison of pipelines (base and rows), not a pipeline: `capfilt compare {path}`")
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as error:

@@ -192,11 +192,14 @@ def _capfilt(run: Run, step: Step) -> dict[str, Any]:
         update["web"] = _require(data_reader(run, "web"), "web")
     if section.human is None and data_reader(run, "human") is not None:
         update["human"] = data_reader(run, "human")
-    for role, name in (("captioners", "captioner"), ("filters", "filter")):
-        if not getattr(section, role) and name in step.inputs:
-            update[role] = [ModelRef(path=run.output(step.inputs[name])["model"], name=f"{name}-round{step.inputs['round']}")]
+    for role, kind in (("captioners", "captioner"), ("filters", "filter")):
+        if not getattr(section, role) and kind in step.inputs:
+            update[role] = [ModelRef(path=run.output(stage)["model"], name=model_id)
+                            for model_id, stage in step.inputs[kind].items()]
     section = section.model_copy(update=update)
     output = section.output or run.stage_dir(step.name)
+    if section.output and run.config.rounds > 1:
+        output = f"{section.output.rstrip('/')}/round_{section.round}"  # each round's pairs in their own place
     manifest = run_capfilt(section, output, log=run.log)
     unread = manifest["could_not_read"]
     return {"output": output, "totals": manifest["totals"],
@@ -208,9 +211,9 @@ def _evaluate(run: Run, step: Step) -> dict[str, Any]:
     from capfilt.stages.evaluate import run_evaluate
 
     models = {label: run.output(name)["med"] for label, name in step.inputs["models"].items()}
-    capfilt_output = run.output(step.inputs["capfilt"])["output"] if "capfilt" in step.inputs else None
+    capfilt_outputs = {label: run.output(name)["output"] for label, name in step.inputs.get("capfilt", {}).items()}
     run_evaluate(step.section, models, _require(data_reader(run, "test"), "test"), run.stage_dir(step.name),
-                 capfilt_output=capfilt_output, web=data_reader(run, "web"), log=run.log)
+                 capfilt_outputs=capfilt_outputs, web=data_reader(run, "web"), log=run.log)
     return {"metrics": f"{run.stage_dir(step.name)}/metrics.json"}
 
 
@@ -249,8 +252,14 @@ def plan(config: PipelineConfig) -> list[Step]:
                 continue  # the filter alone (capfilt.sampling.num_captions: 0) needs no captioner
             if current_med is None:
                 raise ValueError(f"finetune_{kind}: needs a pretrain section or model.init to start from")
-            steps.append(Step(f"{prefix}/finetune_{kind}", _finetune(kind), section, {"init": current_med}))
-            inputs[kind] = f"{prefix}/finetune_{kind}"
+            members = {}
+            for member in range(section.ensemble):
+                # Member m is a plain fine-tune with seed + m: member 0 is the single model, same stage.
+                name = f"{prefix}/finetune_{kind}" + (f"_{member}" if member else "")
+                member_section = section.model_copy(update={"ensemble": 1, "seed": section.seed + member})
+                steps.append(Step(name, _finetune(kind), member_section, {"init": current_med}))
+                members[f"{kind}-round{round_}" + (f"-{member}" if member else "")] = name
+            inputs[kind] = members
         steps.append(Step(f"{prefix}/capfilt", _capfilt, config.capfilt, inputs))
         if config.pretrain is not None:
             start = {"continue": current_med} if config.round_pretrain_start == "previous_round" else init_inputs
@@ -258,18 +267,25 @@ def plan(config: PipelineConfig) -> list[Step]:
             current_med = f"{prefix}/pretrain"
     if config.evaluate is not None:
         models = {}
+        rounds = config.rounds if config.capfilt is not None else 0
         if config.pretrain is not None:
             models["noisy"] = "pretrain_noisy"
+            # Every round's MED; the last one is "bootstrapped" whatever the number of rounds.
+            models.update({f"round_{r}": f"round_{r}/pretrain" for r in range(rounds - 1)})
             if current_med != "pretrain_noisy":
                 models["bootstrapped"] = current_med
         inputs = {"models": models}
-        if config.capfilt is not None and config.rounds > 0:
-            inputs["capfilt"] = "round_0/capfilt"
+        if rounds > 0:
+            inputs["capfilt"] = {f"round_{r}": f"round_{r}/capfilt" for r in range(rounds)}
         steps.append(Step("evaluate", _evaluate, config.evaluate, inputs))
     return steps
 
 
-def run_pipeline(config: PipelineConfig, run_dir: str | None = None, log: Callable[[str], None] = print) -> Run:
+def run_pipeline(config: PipelineConfig, run_dir: str | None = None, log: Callable[[str], None] = print,
+                 reuse_from: tuple[str, ...] | list[str] = ()) -> Run:
+    """Run ``config``'s stages in ``run_dir``. A stage not complete there but complete with the same
+    identity in one of the ``reuse_from`` run directories, made from the very outputs this run uses
+    (same data, tokenizer and inputs), is taken from there: its record is copied, its files stay put."""
     root = run_dir or default_run_dir(config)
     if "://" not in root:
         # Stages hand paths to Ray workers, whose working directory is not this one.
@@ -305,6 +321,16 @@ def run_pipeline(config: PipelineConfig, run_dir: str | None = None, log: Callab
                 f"stage {step.name} in {run.root} was completed with another configuration ({changes}); "
                 "use a new --run-dir, or delete that stage's directory to redo it"
             )
+        reused = _reusable(step, run, record_identity, reuse_from, {s.name for s in steps})
+        if reused is not None:
+            source, record = reused
+            fs.makedirs(f"{root}/{step.name}", exist_ok=True)
+            fs.pipe_file(record_path, json.dumps({**record, "reused_from": source}, indent=2, sort_keys=True,
+                                                 default=str).encode())
+            run.outputs[step.name] = record["outputs"]
+            run.seconds[step.name] = record["seconds"]
+            log(f"[{step.name}] complete in {source}, reused")
+            continue
         log(f"[{step.name}] running")
         step_started = time.time()
         outputs = step.function(run, step)
@@ -323,6 +349,24 @@ def run_pipeline(config: PipelineConfig, run_dir: str | None = None, log: Callab
                 f"full ({unread['rows']} rows rejected as unreadable); `capfilt inspect` lists them")
     log(f"run directory: {run.root}")
     return run
+
+
+def _reusable(step: Step, run: Run, record_identity: dict[str, Any], reuse_from, planned: set[str]):
+    """(run dir, record) of the first ``reuse_from`` run whose ``step`` has this identity and whose inputs,
+    data and tokenizer are the outputs this run holds, else None."""
+    needs = set(_upstream(step)) | ({"synth", "ingest", "tokenizer"} & set(run.outputs) & planned)
+    for source in reuse_from:
+        fs, other = fsspec.core.url_to_fs(source if "://" in source else os.path.abspath(source))
+        records = {}
+        for name in (step.name, *needs):
+            path = f"{other}/{name}/{STAGE_RECORD}"
+            records[name] = json.loads(fs.cat_file(path)) if fs.exists(path) else None
+        record = records[step.name]
+        if record is None or record["hash"] != config_hash(record_identity):
+            continue
+        if all(records[name] is not None and records[name]["outputs"] == run.outputs.get(name) for name in needs):
+            return source, record
+    return None
 
 
 def _stale_stages(steps: list[Step], complete: set[str]) -> dict[str, list[str]]:
@@ -359,7 +403,7 @@ def _finish_metrics(run: Run, fs, root: str, total: float) -> None:
     """Copy the evaluation's metrics to the run directory, with seconds per stage."""
     if "evaluate" not in run.outputs:
         return
-    metrics = json.loads(fs.cat_file(f"{root}/evaluate/metrics.json"))
+    metrics = json.loads(fs.cat_file(fsspec.core.url_to_fs(run.outputs["evaluate"]["metrics"])[1]))
     if "pretrain_vision" in run.outputs:
         vision = run.outputs["pretrain_vision"]
         metrics["pretrain_vision"] = {name: vision[name] for name in ("classes", "images", "rejects", "metrics")}

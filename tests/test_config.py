@@ -5,15 +5,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
-from capfilt.config import CapFiltConfig, ConfigError, TrainConfig, identity, load_pipeline
+from capfilt.config import CapFiltConfig, ConfigError, PipelineConfig, TrainConfig, identity, load_pipeline
+from capfilt.runner import plan
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "pipelines").glob("*.yaml")))
 def test_shipped_pipelines_validate(name):
-    assert load_pipeline(str(REPO / "pipelines" / name))
+    path = str(REPO / "pipelines" / name)
+    if "rows" in yaml.safe_load(Path(path).read_text()):  # a comparison (paper.yaml): every row a valid plan
+        from capfilt.compare import load_comparison
+
+        _, rows = load_comparison(path)
+        assert rows and all(plan(row) for row in rows.values())
+        with pytest.raises(ConfigError, match="capfilt compare"):
+            load_pipeline(path)
+    else:
+        assert load_pipeline(path)
 
 
 def test_errors_name_every_bad_key(tmp_path):
@@ -63,8 +74,6 @@ def test_model_init_sources_that_conflict_are_named():
 
 def test_the_plan_starts_every_round_where_the_noisy_pretraining_started_unless_asked_otherwise():
     from capfilt.config import PipelineConfig
-    from capfilt.runner import plan
-
     sections = {"synth": {"num_labelled": 10}, "pretrain_vision": {}, "pretrain": {}, "finetune_captioner": {},
                 "finetune_filter": {}, "capfilt": {}, "rounds": 2}
     steps = {step.name: step for step in plan(PipelineConfig.model_validate(sections))}
@@ -78,6 +87,12 @@ def test_the_plan_starts_every_round_where_the_noisy_pretraining_started_unless_
     assert rounds["round_0/pretrain"] == {"capfilt": "round_0/capfilt", "continue": "pretrain_noisy"}
     assert rounds["round_1/pretrain"] == {"capfilt": "round_1/capfilt", "continue": "round_0/pretrain"}
 
+    # Evaluation sees every round: each round's MED (the last is "bootstrapped") and each CapFilt output.
+    evaluated = plan(PipelineConfig.model_validate({**sections, "evaluate": {}}))[-1]
+    assert evaluated.inputs == {"models": {"noisy": "pretrain_noisy", "round_0": "round_0/pretrain",
+                                           "bootstrapped": "round_1/pretrain"},
+                                "capfilt": {"round_0": "round_0/capfilt", "round_1": "round_1/capfilt"}}
+
     from_blip = plan(PipelineConfig.model_validate({
         "tokenizer": {"source": "Salesforce/blip-itm-base-coco"}, "finetune_filter": {}, "capfilt": {},
         "model": {"init": {"blip_retrieval": "Salesforce/blip-itm-base-coco"}}}))
@@ -88,14 +103,11 @@ def test_the_plan_starts_every_round_where_the_noisy_pretraining_started_unless_
 
 def test_the_filter_alone_plans_no_captioner_and_refuses_what_contradicts_it(tmp_path):
     """BLIP's ablations as settings: num_captions 0 is the filter alone, threshold 0 keeps every text."""
-    from capfilt.config import PipelineConfig
-    from capfilt.runner import plan
-
     sections = {"synth": {}, "pretrain": {}, "finetune_captioner": {}, "finetune_filter": {}, "evaluate": {}}
     alone = plan(PipelineConfig.model_validate({**sections, "capfilt": {"sampling": {"num_captions": 0}}}))
     steps = {step.name: step.inputs for step in alone}
     assert "round_0/finetune_captioner" not in steps and "round_0/finetune_filter" in steps
-    assert steps["round_0/capfilt"] == {"round": 0, "filter": "round_0/finetune_filter"}
+    assert steps["round_0/capfilt"] == {"round": 0, "filter": {"filter-round0": "round_0/finetune_filter"}}
     both = {step.name for step in plan(PipelineConfig.model_validate({**sections, "capfilt": {}}))}
     assert "round_0/finetune_captioner" in both
 
@@ -158,3 +170,21 @@ def test_a_missing_local_pipeline_is_named(tmp_path):
         load_pipeline(str(tmp_path / "nope.yaml"))
     with pytest.raises(ConfigError, match="cannot be read"):
         load_pipeline(str(tmp_path))
+
+
+def test_an_ensemble_is_one_fine_tune_per_seed_and_its_first_member_is_the_single_model():
+    sections = {"pretrain": {}, "finetune_captioner": {"seed": 5}, "finetune_filter": {}, "capfilt": {}}
+    single = {step.name: step for step in plan(PipelineConfig.model_validate(sections))}
+    ensemble = {step.name: step for step in plan(PipelineConfig.model_validate(
+        {**sections, "finetune_captioner": {"seed": 5, "ensemble": 3}, "finetune_filter": {"ensemble": 2}}))}
+    captioners = ["round_0/finetune_captioner", "round_0/finetune_captioner_1", "round_0/finetune_captioner_2"]
+    assert [name for name in ensemble if "finetune" in name] == [*captioners, "round_0/finetune_filter",
+                                                                  "round_0/finetune_filter_1"]
+    assert [ensemble[name].section.seed for name in captioners] == [5, 6, 7]
+    # Member 0 has the single model's identity: a run with and without the ensemble shares that stage.
+    assert identity(ensemble[captioners[0]].section) == identity(single[captioners[0]].section)
+    assert identity(ensemble[captioners[1]].section) != identity(single[captioners[0]].section)
+    assert ensemble["round_0/capfilt"].inputs["captioner"] == {
+        "captioner-round0": captioners[0], "captioner-round0-1": captioners[1], "captioner-round0-2": captioners[2]}
+    assert ensemble["round_0/capfilt"].inputs["filter"] == {
+        "filter-round0": "round_0/finetune_filter", "filter-round0-1": "round_0/finetune_filter_1"}

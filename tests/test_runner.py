@@ -11,7 +11,7 @@ from capfilt.config import PipelineConfig, TokenizerConfig, WorldConfig
 from capfilt.runner import StageConflictError, Step, run_pipeline
 
 
-def _fake_plan(monkeypatch, vocab_size: int = 200) -> list[str]:
+def _fake_plan(monkeypatch, vocab_size: int = 200, world_seed: int = 0) -> list[str]:
     """synth, pretrain_vision, tokenizer, pretrain_noisy, round_0/pretrain: what each runs is logged."""
     ran: list[str] = []
 
@@ -19,7 +19,7 @@ def _fake_plan(monkeypatch, vocab_size: int = 200) -> list[str]:
         ran.append(step.name)
         return {"dir": run.stage_dir(step.name)}
 
-    steps = [Step("synth", stage, WorldConfig()), Step("pretrain_vision", stage, WorldConfig(seed=1)),
+    steps = [Step("synth", stage, WorldConfig(seed=world_seed)), Step("pretrain_vision", stage, WorldConfig(seed=1)),
              Step("tokenizer", stage, TokenizerConfig(vocab_size=vocab_size)),
              Step("pretrain_noisy", stage, WorldConfig(seed=2)),
              Step("round_0/pretrain", stage, WorldConfig(seed=3), {"continue": "pretrain_noisy"})]
@@ -67,3 +67,28 @@ def test_a_run_dir_url_is_refused_by_the_tokenizer_stage_that_writes_local_files
                                             "pretrain": {"steps": 3}})
     with pytest.raises(ValueError, match="memory://runs/x: the tokenizer stage writes a local directory"):
         run_pipeline(config, "memory://runs/x", log=lambda _: None)
+
+
+def test_stages_are_reused_from_another_run_only_when_made_from_the_same_data_and_inputs(tmp_path, monkeypatch):
+    config, first = PipelineConfig(), str(tmp_path / "first")
+    _fake_plan(monkeypatch)
+    run_pipeline(config, first, log=lambda _: None)
+
+    ran, logged = _fake_plan(monkeypatch), []
+    run = run_pipeline(config, str(tmp_path / "same"), log=logged.append, reuse_from=[first])
+    assert ran == [] and sum(line.endswith(", reused") for line in logged) == 5
+    assert run.outputs["round_0/pretrain"] == {"dir": f"{first}/round_0/pretrain"}  # its files stay where they are
+    # Reused records are this run's own from then on: a rerun skips them, even without reuse_from.
+    ran = _fake_plan(monkeypatch)
+    run_pipeline(config, str(tmp_path / "same"), log=lambda _: None)
+    assert ran == []
+
+    # Another vocabulary: what precedes the tokenizer is reused, what was trained with it is not, although
+    # pretrain_noisy's own section is the same (it reads the tokenizer without declaring it).
+    ran = _fake_plan(monkeypatch, vocab_size=300)
+    run_pipeline(config, str(tmp_path / "vocab"), log=lambda _: None, reuse_from=[first])
+    assert ran == ["tokenizer", "pretrain_noisy", "round_0/pretrain"]
+    # Another world: nothing after it is reused, the ViT's identical section notwithstanding.
+    ran = _fake_plan(monkeypatch, world_seed=1)
+    run_pipeline(config, str(tmp_path / "world"), log=lambda _: None, reuse_from=[str(tmp_path / "vocab"), first])
+    assert ran == ["synth", "pretrain_vision", "tokenizer", "pretrain_noisy", "round_0/pretrain"]

@@ -38,24 +38,56 @@ def validate(pipeline: str) -> None:
 @click.option("--run-dir", default=None,
               help="where artifacts go (default: run_dir in the YAML, else runs/<name> in the current directory)")
 @click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
-def run(pipeline: str, run_dir: str | None, address: str | None) -> None:
+@click.option("--reuse-stages-from", "reuse_from", multiple=True, metavar="RUN_DIR",
+              help="take a stage complete there with the same settings and inputs instead of redoing it (repeatable)")
+def run(pipeline: str, run_dir: str | None, address: str | None, reuse_from: tuple[str, ...]) -> None:
     """Run a pipeline's stages in order, skipping the complete ones.
 
     PIPELINE is a path or a URL (s3://bucket/pipeline.yaml; credentials as the backend finds them, e.g.
     AWS_* for S3). A complete stage whose settings or inputs changed is refused, naming the changed
     keys: use a new --run-dir, or delete that stage's directory and those of the stages after it.
     """
+    try:
+        config = load_pipeline(pipeline)
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+    from capfilt.runner import run_pipeline
+
+    _with_ray(config, address, lambda: run_pipeline(config, run_dir, reuse_from=reuse_from))
+
+
+@main.command()
+@click.argument("comparison")
+@click.option("--run-dir", default=None, help="rows go to RUN_DIR/<row> (default: run_dir in the file, else runs/<name>)")
+@click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+@click.option("--reuse-stages-from", "reuse_from", multiple=True, metavar="RUN_DIR",
+              help="also reuse stages complete in this run directory, e.g. a finished demo (repeatable)")
+def compare(comparison: str, run_dir: str | None, address: str | None, reuse_from: tuple[str, ...]) -> None:
+    """Run the rows of a comparison file (a base pipeline and overrides per row) and write one table.
+
+    Each row is a `capfilt run` in RUN_DIR/<row>; a stage complete in an earlier row with the same settings
+    and inputs is reused, not redone. The table goes to RUN_DIR/table.md and table.json (pipelines/paper.yaml:
+    BLIP's ablations on the generated world).
+    """
+    from capfilt.compare import load_comparison, run_comparison
+
+    try:
+        _, pipelines = load_comparison(comparison)
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+    try:
+        _with_ray(next(iter(pipelines.values())), address, lambda: run_comparison(comparison, run_dir, reuse_from=reuse_from))
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+
+
+def _with_ray(config, address: str | None, work) -> None:
+    """``work()`` on the cluster at ``address`` (else RAY_ADDRESS, the config's, or a new local one)."""
     if not (address or os.environ.get("RAY_ADDRESS")):
         # A local cluster needs no network: keep Ray on loopback (read when ray is imported).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
-    from capfilt.runner import run_pipeline
-
-    try:
-        config = load_pipeline(pipeline)
-    except ConfigError as error:
-        raise click.ClickException(str(error)) from None
     address = address or config.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
@@ -69,7 +101,7 @@ def run(pipeline: str, run_dir: str | None, address: str | None) -> None:
     from capfilt.stages.capfilt import InputReadError
 
     try:
-        run_pipeline(config, run_dir)
+        work()
     except InputReadError as error:  # the input's fault, not capfilt's: the message, no traceback
         raise click.ClickException(str(error)) from None
     finally:

@@ -33,11 +33,22 @@ def format_table(metrics: dict[str, Any]) -> str:
         cells = [_number((result.get(section) or {}).get(key), 100.0).rjust(w) for (_, section, key), w in zip(COLUMNS, widths)]
         lines.append("  ".join([name.ljust(name_width), *cells]))
 
+    rounds = metrics.get("rounds") or {"": metrics}
+    for label, result in rounds.items():
+        summary = _capfilt_lines(result, f"{label}: " if label else "")
+        if summary:
+            lines += ["", *summary]
+    return "\n".join(lines)
+
+
+def _capfilt_lines(metrics: dict[str, Any], prefix: str) -> list[str]:
+    """The filter's, captioner's and CapFilt's summaries of one round."""
+    lines = []
     filter_ = metrics.get("filter")
     if filter_:
         lines += [
-            "",
-            f"filter: ROC-AUC {_number(filter_.get('roc_auc'), digits=3)}; removing ITM < {filter_.get('threshold', 0.5)}: "
+            f"{prefix}filter: ROC-AUC {_number(filter_.get('roc_auc'), digits=3)}; "
+            f"removing ITM < {filter_.get('threshold', 0.5)}: "
             f"precision {_number(filter_.get('precision'), digits=3)}, recall {_number(filter_.get('recall'), digits=3)}, "
             f"clean web texts kept {_number(filter_.get('clean_kept'), digits=3)}",
         ]
@@ -48,7 +59,7 @@ def format_table(metrics: dict[str, Any]) -> str:
     captioner = metrics.get("captioner")
     if captioner:
         lines.append(
-            f"captioner: synthetic caption accuracy {_number(captioner.get('synthetic_caption_accuracy'), digits=3)}"
+            f"{prefix}captioner: synthetic caption accuracy {_number(captioner.get('synthetic_caption_accuracy'), digits=3)}"
             f" (kept: {_number(captioner.get('kept_synthetic_caption_accuracy'), digits=3)}), "
             f"distinct captions per image {_number(captioner.get('distinct_captions_per_image'), digits=2)}"
         )
@@ -58,7 +69,7 @@ def format_table(metrics: dict[str, Any]) -> str:
         count = {key: "n/a" if capfilt.get(key) is None else capfilt[key]
                  for key in ("input_rows", "kept", "filtered", "rejected")}
         lines.append(
-            f"capfilt: {count['input_rows']} input rows: {count['kept']} kept, {count['filtered']} filtered, "
+            f"{prefix}capfilt: {count['input_rows']} input rows: {count['kept']} kept, {count['filtered']} filtered, "
             f"{count['rejected']} rejected; kept texts by source: {sources or 'none'}"
         )
-    return "\n".join(lines)
+    return lines

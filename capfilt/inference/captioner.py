@@ -210,15 +210,19 @@ class Captioner:
             settings.update(BEAM_FIXED_SETTINGS)
         return settings
 
-    def generate(self, pixel_values: torch.Tensor, keys: Sequence[str], round: int = 0) -> list[list[str]]:
-        """``num_captions`` captions for each image, prompt stripped, in key order."""
-        sequences = self.generate_ids(pixel_values, keys, round)
+    def generate(self, pixel_values: torch.Tensor, keys: Sequence[str], round: int = 0,
+                 first_caption: int = 0) -> list[list[str]]:
+        """``num_captions`` captions for each image, prompt stripped, in key order. Nucleus caption ``j`` of an
+        image draws its noise from (seed, key, round, ``first_caption`` + j): an ensemble's members pass
+        disjoint ranges so that their captions are independent draws, not the same noise through two models."""
+        sequences = self.generate_ids(pixel_values, keys, round, first_caption)
         captions = [self._decode(row) for row in sequences.tolist()]
         k = self.sampling.num_captions
         return [captions[i * k : (i + 1) * k] for i in range(len(keys))]
 
     @torch.inference_mode()
-    def generate_ids(self, pixel_values: torch.Tensor, keys: Sequence[str], round: int = 0) -> torch.Tensor:
+    def generate_ids(self, pixel_values: torch.Tensor, keys: Sequence[str], round: int = 0,
+                     first_caption: int = 0) -> torch.Tensor:
         """Token ids ``[B * K, L]``, image-major, each row the prompt then the caption, [SEP], pads."""
         if pixel_values.ndim != 4:
             raise ValueError(f"pixel_values must be [B, 3, H, W], got shape {tuple(pixel_values.shape)}")
@@ -234,14 +238,14 @@ class Captioner:
         image_embeds = vision_embeds(self.model.vision_model, pixel_values)
         if self.sampling.method == "beam":
             return self._beam(image_embeds)
-        return self._nucleus(image_embeds, keys, round)
+        return self._nucleus(image_embeds, keys, round, first_caption)
 
-    def _nucleus(self, image_embeds: torch.Tensor, keys: Sequence[str], round: int) -> torch.Tensor:
+    def _nucleus(self, image_embeds: torch.Tensor, keys: Sequence[str], round: int, first_caption: int) -> torch.Tensor:
         k, sep, pad = self.sampling.num_captions, self.ids["sep"], self.ids["pad"]
         # Rows are image-major: row i*K + j is caption j of image i.
         num_rows = image_embeds.shape[0] * k
         num_steps = self.sampling.max_length - len(self.prompt_ids)
-        seeds = [row_seed(self.sampling.seed, key, round, j) for key in keys for j in range(k)]
+        seeds = [row_seed(self.sampling.seed, key, round, first_caption + j) for key in keys for j in range(k)]
         uniforms = row_uniforms(seeds, num_steps).to(self.device)
 
         input_ids = self.prompt_ids.expand(num_rows, -1)

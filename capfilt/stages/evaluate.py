@@ -117,12 +117,16 @@ def run_evaluate(
     models: dict[str, str],
     test: ReaderConfig,
     out_dir: str,
-    capfilt_output: str | None = None,
+    capfilt_outputs: dict[str, str] | None = None,
     web: ReaderConfig | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Evaluate ``models`` (name -> MED directory) on ``test`` and, given one, a CapFilt output whose web
-    shards are ``web`` (default: those its manifest records). Writes ``out_dir/metrics.json``."""
+    """Evaluate ``models`` (name -> MED directory) on ``test`` and CapFilt's outputs (round name -> output
+    directory) against the truth of their web shards, ``web`` (default: those each manifest records).
+
+    The first output's filter, captioner and counts are the top-level ``filter``, ``captioner`` and
+    ``capfilt``; with more than one (bootstrapping rounds), ``rounds`` holds each one's under its name.
+    Writes ``out_dir/metrics.json``."""
     device = resolve_device(config.device)
     test_set = load_test_set(test, config.max_test_images, config.max_caption_words, log)
     log(f"evaluate: {len(test_set)} test images, {len(test_set.texts)} reference texts, on {device}")
@@ -139,14 +143,21 @@ def run_evaluate(
         _write(f"{out_dir.rstrip('/')}/captions/{name}.jsonl", _caption_records(test_set, captions))
         log(f"evaluate: {name} done in {time.time() - started:.1f}s")
 
-    if capfilt_output is not None:
-        output = read_capfilt_output(capfilt_output)
-        if web is None and (shards := web_shards_of(output)):
-            web = ReaderConfig(paths=shards)
-        truth = read_ground_truth(web) if web is not None else None
-        metrics["filter"] = filter_metrics(output, truth, config.threshold)
-        metrics["captioner"] = captioner_metrics(output, truth)
-        metrics["capfilt"] = capfilt_counts(output)
+    truth_by_shards: dict[Any, Any] = {}
+    per_round = {}
+    for label, path in (capfilt_outputs or {}).items():
+        output = read_capfilt_output(path)
+        shards = web or (ReaderConfig(paths=found) if (found := web_shards_of(output)) else None)
+        key = json.dumps(shards.model_dump(), sort_keys=True, default=str) if shards is not None else None
+        if key not in truth_by_shards:  # rounds read the same web shards: their truth once
+            truth_by_shards[key] = read_ground_truth(shards) if shards is not None else None
+        truth = truth_by_shards[key]
+        per_round[label] = {"filter": filter_metrics(output, truth, config.threshold),
+                            "captioner": captioner_metrics(output, truth), "capfilt": capfilt_counts(output)}
+    if per_round:
+        metrics.update(next(iter(per_round.values())))
+    if len(per_round) > 1:
+        metrics["rounds"] = per_round
 
     _write(f"{out_dir.rstrip('/')}/{METRICS_FILE}", json.dumps(metrics, indent=2, sort_keys=True))
     log(format_table(metrics))

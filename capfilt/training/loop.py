@@ -519,7 +519,9 @@ def _run_attempt(job: TrainJob, med_config: MedConfig, use_gpu: bool, root: Path
         [source.model_dump_json() for source in job.sources], job.units, config.seed,
         config.shuffle_shards, config.workers)
     spec = WorkerSpec(
-        config=config.model_dump(mode="json"), tokenizer_dir=str(job.tokenizer_dir), log_path=log_path,
+        # The workers read a TrainConfig: a subclass's own fields (a fine-tune's ensemble size) stay here.
+        config=config.model_dump(mode="json", include=set(TrainConfig.model_fields)),
+        tokenizer_dir=str(job.tokenizer_dir), log_path=log_path,
         start_step=start_step, checkpoints=str(root), attempt=attempt,
         model=job.model.model_dump(mode="json") if job.model is not None else None, init_med=job.init_med,
         resume=str(found[1]) if found else None, fingerprint=job.fingerprint, data=udf_kwargs,

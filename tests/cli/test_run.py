@@ -129,3 +129,63 @@ def test_a_second_run_skips_every_complete_stage(demo_run):
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count("complete, skipped") == 9
     assert json.loads((run_dir / "metrics.json").read_text())["models"] == json.loads(before)["models"]
+
+
+def test_compare_two_rows_reusing_the_demo_and_a_second_round_in_its_own_output(demo_run, tmp_path):
+    """The paper table at reduced size: the demo's row (every stage reused from the demo run) and two
+    rounds with capfilt.output set, each round's output in its own place, every round evaluated."""
+    pipeline, run_dir, _ = demo_run
+    output = tmp_path / "bootstrapped"
+    comparison = tmp_path / "paper-small.yaml"
+    comparison.write_text(yaml.safe_dump({
+        "name": "paper-small", "base": str(pipeline),
+        "rows": {"both": {}, "two_rounds": {"rounds": 2, "capfilt": {"output": str(output)}}},
+    }))
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    result = subprocess.run([CAPFILT, "compare", str(comparison), "--run-dir", str(tmp_path / "table"),
+                             "--reuse-stages-from", str(run_dir)], capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+    # The demo's row is the demo: all nine stages reused, its metrics the demo's.
+    both = tmp_path / "table" / "both"
+    demo_metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert json.loads((both / "metrics.json").read_text())["models"] == demo_metrics["models"]
+    assert result.stdout.count(f"complete in {run_dir}, reused") == 9
+    # The second row redoes CapFilt (its output moved) and what follows; the noisy MED, round 0's
+    # captioner and filter come from the first row.
+    log = result.stdout[result.stdout.index("== row two_rounds =="):]
+    for stage in ("synth", "pretrain_vision", "tokenizer", "pretrain_noisy", "round_0/finetune_captioner",
+                  "round_0/finetune_filter"):
+        assert f"[{stage}] complete in {both}, reused" in log, stage
+    for stage in ("round_0/capfilt", "round_0/pretrain", "round_1/finetune_captioner", "round_1/finetune_filter",
+                  "round_1/capfilt", "round_1/pretrain", "evaluate"):
+        assert f"[{stage}] running" in log, stage
+
+    for round_ in (0, 1):
+        manifest = json.loads((output / f"round_{round_}" / "manifest.json").read_text())
+        assert manifest["totals"]["rows_in"] == demo_metrics["capfilt"]["input_rows"]
+        pairs = pq.read_table(output / f"round_{round_}" / "pairs")
+        assert set(pairs.column("round").to_pylist()) == {round_}
+        models = manifest["models"]
+        assert [m["id"].split("@")[0] for m in models["captioners"]] == [f"captioner-round{round_}"]
+        assert [m["id"].split("@")[0] for m in models["filters"]] == [f"filter-round{round_}"]
+        if round_:  # round 1's models are fine-tuned from round 0's bootstrapped MED, not the noisy one
+            assert models != json.loads((output / "round_0" / "manifest.json").read_text())["models"]
+    metrics = json.loads((tmp_path / "table" / "two_rounds" / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"noisy", "round_0", "bootstrapped"}
+    assert set(metrics["rounds"]) == {"round_0", "round_1"}
+    for round_metrics in metrics["rounds"].values():
+        assert round_metrics["filter"]["roc_auc"] is not None and round_metrics["captioner"]["synthetic_texts"] > 0
+    assert metrics["filter"] == metrics["rounds"]["round_0"]["filter"]
+    captions = tmp_path / "table" / "two_rounds" / "evaluate" / "captions"
+    assert sorted(path.name for path in captions.iterdir()) == ["bootstrapped.jsonl", "noisy.jsonl", "round_0.jsonl"]
+
+    table = json.loads((tmp_path / "table" / "table.json").read_text())
+    assert list(table["rows"]) == ["both", "two_rounds"]
+    assert table["rows"]["both"]["values"]["TR@1"] == demo_metrics["models"]["bootstrapped"]["retrieval"]["i2t_r1"]
+    second = table["rows"]["two_rounds"]
+    assert second["rounds"] == 2
+    assert second["values"]["synthetic acc"] == metrics["rounds"]["round_1"]["captioner"]["synthetic_caption_accuracy"]
+    assert second["values"]["minutes"] == pytest.approx(metrics["seconds"]["total"] / 60)
+    markdown = (tmp_path / "table" / "table.md").read_text()
+    assert markdown.splitlines()[0].startswith("| row | TR@1 | IR@1 |") and "| two_rounds |" in markdown

@@ -154,6 +154,154 @@ def test_threshold_zero_keeps_every_text(small_world, tiny_models, tmp_path, ray
     assert everything["totals"]["texts_kept"] == strict["totals"]["texts_kept"] + below
 
 
+@pytest.fixture(scope="module")
+def other_models(tmp_path_factory, tokenizer):
+    """A second captioner and filter: the tiny MED of ``tiny_models`` (tests/conftest.py) from another seed,
+    so its weights, and so its captions and match probabilities, differ from the first's."""
+    import torch
+
+    from capfilt.config import MedConfig
+    from capfilt.models.export import export_captioner, export_filter
+    from capfilt.models.med import MED
+
+    with torch.random.fork_rng():  # the seed stays in here: other tests' random state is untouched
+        torch.manual_seed(1)
+        config = MedConfig(preset="tiny", vision={"image_size": 32, "patch_size": 8, "width": 64, "layers": 1,
+                                                   "heads": 2, "mlp_dim": 128},
+                           text={"width": 64, "layers": 1, "heads": 2, "mlp_dim": 128}, embed_dim=32, queue_size=64)
+        med = MED.from_config(config, tokenizer)
+    root = tmp_path_factory.mktemp("other-models")
+    return {"captioner": str(export_captioner(med, tokenizer, root / "captioner")),
+            "filter": str(export_filter(med, tokenizer, root / "filter"))}
+
+
+def _texts(output):
+    """Every text of the output, pairs and text rejects together, as dicts with ``itm_prob`` (a reject's
+    score), ``itc_sim`` (pairs only) and ``reason`` ("kept" for a pair)."""
+    texts = [{**row, "reason": "kept"} for row in pq.read_table(f"{output}/pairs").to_pylist()]
+    for row in pq.read_table(f"{output}/rejects").to_pylist():
+        if row["stage"] != "read":
+            texts.append({**row, "itm_prob": row["score"], "itc_sim": None})
+    return texts
+
+
+def _text_view(texts):
+    return sorted((t["shard"], t["row"], t["source"], t["text"], round(t["itm_prob"] or 0, 5)) for t in texts)
+
+
+def _split_threshold(probs):
+    """A threshold halfway between the two middle scores: half the texts fall below it, none on it.
+    (The tiny random filters score every text above 0.5, so the default threshold would drop none.)"""
+    ordered = sorted(probs)
+    middle = len(ordered) // 2
+    assert ordered[middle - 1] < ordered[middle]
+    return (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def test_two_captioners_write_k_captions_each(baseline, small_world, tiny_models, other_models, tmp_path):
+    output, manifest = baseline  # captioner A alone, the same sampling
+    alone = _texts(output)
+    threshold = _split_threshold(t["itm_prob"] for t in alone if t["itm_prob"] is not None)
+    captioners = [{"path": tiny_models["captioner"], "name": "cap-a"}, {"path": other_models["captioner"], "name": "cap-b"}]
+    target = str(tmp_path / "two-captioners")
+    result = run_capfilt(_config(small_world, tiny_models, captioners=captioners, threshold=threshold), target)
+    ids = [model["id"] for model in result["models"]["captioners"]]
+    assert [i.split("@")[0] for i in ids] == ["cap-a", "cap-b"]
+    a, b = ids
+    assert result["models"]["captioners"][0]["weights_sha256"] != result["models"]["captioners"][1]["weights_sha256"]
+
+    texts = _texts(target)
+    web_rows = sum(pq.read_metadata(p).num_rows for p in small_world.shards["web"])
+    human_rows = sum(pq.read_metadata(p).num_rows for p in small_world.shards["human"])
+    assert result["totals"]["rejected"] == manifest["totals"]["rejected"] > 0  # the world's bad web rows
+    images = {(t["shard"], t["row"]) for t in texts if t["source"] == "web"}  # one web text per decoded web image
+    assert len(images) == web_rows - result["totals"]["rejected"]
+    # Every decoded web image: 1 web + K synthetic texts from each of the two captioners, as a pair or a reject.
+    assert len(texts) == len(images) * (1 + 2 * K) + human_rows
+    synthetic = [t for t in texts if t["source"] == "synthetic"]
+    per_captioner = {}
+    for t in synthetic:
+        key = (t["shard"], t["row"], t["captioner_id"])
+        per_captioner[key] = per_captioner.get(key, 0) + 1
+    assert per_captioner == {(shard, row, captioner): K for shard, row in images for captioner in ids}
+    assert all(t["captioner_id"] is None for t in texts if t["source"] != "synthetic")
+    # Both kinds of row carry the captioner: pairs, and the filter's rejects (the threshold splits the scores).
+    assert {t["captioner_id"] for t in synthetic if t["reason"] == "kept"} == {a, b}
+    assert {t["captioner_id"] for t in synthetic if t["reason"] == "itm_below_threshold"} == {a, b}
+    for t in texts:
+        if t["source"] != "human":
+            assert t["reason"] == ("kept" if t["itm_prob"] >= threshold else "itm_below_threshold")
+
+    # A's captions are the ones A writes alone: the first member draws caption j's noise from (seed, key,
+    # round, j), as a single captioner does (capfilt/inference/captioner.py row_seed), and B's captions
+    # come after A's, so B cannot turn one of A's into a duplicate. So everything but B's texts (web,
+    # human and A's texts, with their scores) is what the baseline has.
+    assert _text_view(t for t in texts if t["captioner_id"] != b) == _text_view(alone)
+
+    def captions(rows, captioner):
+        by_image = {}
+        for t in rows:
+            if t["source"] == "synthetic" and t["captioner_id"] == captioner:
+                by_image.setdefault((t["shard"], t["row"]), []).append(t["text"])
+        return {image: sorted(found) for image, found in by_image.items()}
+
+    a_captions, b_captions = captions(synthetic, a), captions(synthetic, b)
+    assert sum(a_captions[image] != b_captions[image] for image in images) > len(images) // 2
+    # Members draw their own noise (captions K..2K-1 of the image): the same captioner listed twice writes
+    # new samples, not the first member's captions again (which would all be rejected as duplicates).
+    twice = [{"path": tiny_models["captioner"], "name": "cap-a"}, {"path": tiny_models["captioner"], "name": "cap-a2"}]
+    target = str(tmp_path / "same-captioner-twice")
+    result = run_capfilt(_config(small_world, tiny_models, captioners=twice, threshold=threshold), target)
+    first, second = (model["id"] for model in result["models"]["captioners"])
+    again = _texts(target)
+    assert captions(again, first) == a_captions
+    second_captions = captions(again, second)
+    assert sum(second_captions.get(image) != a_captions[image] for image in images) > len(images) // 2
+    assert result["totals"]["reasons"].get("duplicate_text", 0) < len(images) * K // 2
+
+
+def test_two_filters_average_their_match_probabilities(baseline, small_world, tiny_models, other_models, tmp_path):
+    output, _ = baseline  # filter 1 alone, the same captioner and sampling, so the same texts
+    f1, f2 = {"path": tiny_models["filter"], "name": "f1"}, {"path": other_models["filter"], "name": "f2"}
+    # Threshold 0: F2 keeps every text, so each has its itc_sim (recorded on pairs only) to compare.
+    run_capfilt(_config(small_world, tiny_models, filters=[f2], threshold=0.0), str(tmp_path / "f2"))
+
+    def scored(target):
+        return {(t["shard"], t["row"], t["text"]): t for t in _texts(target) if t["itm_prob"] is not None}
+
+    first, second = scored(output), scored(str(tmp_path / "f2"))
+    assert first.keys() == second.keys()
+    mean = {key: (first[key]["itm_prob"] + second[key]["itm_prob"]) / 2 for key in first}
+    # A threshold that splits the averaged scores, so the decisions are not all one way.
+    threshold = _split_threshold(mean.values())
+    both = str(tmp_path / "f1+f2")
+    manifest = run_capfilt(_config(small_world, tiny_models, filters=[f1, f2], threshold=threshold), both)
+    ensemble = scored(both)
+    assert ensemble.keys() == first.keys()
+    assert {t["source"] for t in ensemble.values()} == {"web", "synthetic"}
+    similarities = 0
+    for key, text in ensemble.items():
+        assert text["itm_prob"] == pytest.approx(mean[key], abs=1e-5), key
+        # The keep decision reads the averaged probability.
+        assert text["reason"] == ("kept" if text["itm_prob"] >= threshold else "itm_below_threshold"), key
+        if text["reason"] == "kept" and first[key]["itc_sim"] is not None:  # the ITC similarity is averaged too
+            assert text["itc_sim"] == pytest.approx((first[key]["itc_sim"] + second[key]["itc_sim"]) / 2, abs=1e-5)
+            similarities += 1
+    assert similarities > 0
+    # The filters differ enough that averaging decides: either filter alone keeps another set at this threshold.
+    assert max(abs(first[k]["itm_prob"] - second[k]["itm_prob"]) for k in ensemble) > 0.01
+    kept = {k for k, t in ensemble.items() if t["reason"] == "kept"}
+    assert kept != {k for k, t in first.items() if t["itm_prob"] >= threshold}
+    assert kept != {k for k, t in second.items() if t["itm_prob"] >= threshold}
+
+    ids = [model["id"] for model in manifest["models"]["filters"]]
+    assert [i.split("@")[0] for i in ids] == ["f1", "f2"]
+    assert manifest["models"]["filters"][0]["weights_sha256"] != manifest["models"]["filters"][1]["weights_sha256"]
+    pairs = pq.read_table(f"{both}/pairs").to_pylist()
+    assert {p["filter_id"] for p in pairs if p["source"] != "human"} == {"+".join(ids)}
+    assert all(p["filter_id"] is None for p in pairs if p["source"] == "human")
+
+
 def test_byte_limit_commits_whole_shards_sooner_with_the_same_rows(baseline, small_world, tiny_models, tmp_path):
     output, manifest = baseline
     target = str(tmp_path / "bytes")

@@ -83,7 +83,7 @@ def test_run_evaluate_writes_every_metric(world, med_dirs, capfilt_output, tmp_p
     out_dir = tmp_path / "eval"
     logged = []
     metrics = run_evaluate(CONFIG, med_dirs, ReaderConfig(paths=f"{world.test}/*.parquet"), str(out_dir),
-                           capfilt_output=output, log=logged.append)
+                           capfilt_outputs={"round_0": output}, log=logged.append)
 
     assert json.loads((out_dir / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     assert metrics["test"] == {"images": 6, "texts": 30, "skipped": {}}

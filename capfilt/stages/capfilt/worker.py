@@ -170,8 +170,9 @@ class CapFiltWorker:
                 return normalised[key]
 
             keys = [columns["key"][i] for i in scored]
-            for captioner_id, processor, captioner in self.captioners:
-                captions = captioner.generate(pixel_values(processor), keys, round=config.round)
+            for member, (captioner_id, processor, captioner) in enumerate(self.captioners):
+                captions = captioner.generate(pixel_values(processor), keys, round=config.round,
+                                              first_caption=member * config.sampling.num_captions)
                 for i, image_captions in zip(scored, captions):
                     for caption in image_captions:
                         text = pre_caption(caption, config.max_caption_words)
