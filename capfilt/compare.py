@@ -67,6 +67,18 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def is_comparison(path: str) -> bool:
+    """Whether ``path`` holds a comparison (base and rows) rather than a pipeline; False when unreadable."""
+    import yaml
+
+    try:
+        with fsspec.open(path, "rt", encoding="utf-8") as handle:
+            data = yaml.safe_load(handle.read())
+    except (OSError, yaml.YAMLError):
+        return False  # load_pipeline reports it
+    return isinstance(data, dict) and "base" in data and "rows" in data
+
+
 def load_comparison(path: str) -> tuple[ComparisonConfig, dict[str, PipelineConfig]]:
     """The comparison file and each row's validated pipeline; errors name the file, row and key."""
     import yaml

@@ -72,3 +72,22 @@ def test_the_table_reads_each_rows_last_model_and_last_round(tmp_path):
     assert lines[0].startswith("| row | TR@1 | IR@1 | BLEU-4 | CIDEr | caption acc | filter AUC |")
     assert lines[2] == "| noisy | 25.0 | 20.0 | n/a | n/a | n/a | n/a | n/a | n/a | 1.5 |"
     assert lines[4].startswith("| two_rounds | 60.0 | 30.0 | 10.0 | 50.0 | 40.0 | 0.810 | 0.200 | 101 | 1.5 |")
+
+
+def test_validate_checks_every_row_of_a_comparison(tmp_path):
+    from click.testing import CliRunner
+
+    from capfilt.cli import main
+
+    _write(tmp_path / "base.yaml", {"pretrain": {}, "finetune_captioner": {}, "finetune_filter": {}, "capfilt": {},
+                                    "evaluate": {}})
+    good = _write(tmp_path / "good.yaml", {"base": "base.yaml", "rows": {"noisy": {"capfilt": None}, "both": {}}})
+    result = CliRunner().invoke(main, ["validate", good])
+    assert result.exit_code == 0, result.output
+    assert f"{good}: row 'noisy': valid; stages: tokenizer, pretrain_noisy, evaluate" in result.output
+    assert f"{good}: row 'both': valid" in result.output
+    # A row that validates key by key but cannot be planned: named, with the reason.
+    bad = _write(tmp_path / "bad.yaml", {"base": "base.yaml", "rows": {"ok": {}, "orphan": {"pretrain": None}}})
+    result = CliRunner().invoke(main, ["validate", bad])
+    assert result.exit_code != 0 and f"{bad}: row 'orphan': finetune_" in result.output
+    assert "needs a pretrain section or model.init" in result.output

@@ -19,18 +19,22 @@ def main() -> None:
 @main.command()
 @click.argument("pipeline")
 def validate(pipeline: str) -> None:
-    """Check a pipeline YAML (a path, or a URL such as s3://bucket/pipeline.yaml); every bad key is named."""
-    try:
-        config = load_pipeline(pipeline)
-    except ConfigError as error:
-        raise click.ClickException(str(error)) from None
+    """Check a pipeline YAML (a path, or a URL such as s3://bucket/pipeline.yaml), or a comparison file's
+    every row; every bad key is named."""
+    from capfilt.compare import is_comparison, load_comparison
     from capfilt.runner import plan
 
     try:
-        steps = [step.name for step in plan(config)]
-    except ValueError as error:
-        raise click.ClickException(f"{pipeline}: {error}") from None
-    click.echo(f"{pipeline}: valid; stages: {', '.join(steps) or 'none'}")
+        rows = load_comparison(pipeline)[1] if is_comparison(pipeline) else {"": load_pipeline(pipeline)}
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+    for row, config in rows.items():
+        where = f"{pipeline}: row {row!r}" if row else pipeline
+        try:
+            steps = [step.name for step in plan(config)]
+        except ValueError as error:
+            raise click.ClickException(f"{where}: {error}") from None
+        click.echo(f"{where}: valid; stages: {', '.join(steps) or 'none'}")
 
 
 @main.command()
