@@ -131,14 +131,35 @@ def _shard_sources(run: Run, splits: tuple[str, ...]):
     return [PairSource(kind="shards", reader=_require(data_reader(run, split), split), role=split) for split in splits]
 
 
+def _local(path: str) -> str:
+    """An earlier stage's output where this process can read files: the path itself, or for a run directory
+    on object storage a local copy (capfilt/training/store.py ``fetch``)."""
+    from capfilt.training.store import fetch
+
+    return fetch(path)
+
+
+def _tokenizer_dir(run: Run) -> str:
+    return _local(run.output("tokenizer")["tokenizer"])
+
+
+def _uploaded(result: dict[str, Any]) -> dict[str, Any]:
+    """A training stage's result with its models' URLs (where the run directory is on object storage) in
+    place of the paths of this machine's mirror, so that any machine can resume the run."""
+    return {**result, **result.get("remote", {})}
+
+
 def _tokenizer(run: Run, step: Step) -> dict[str, Any]:
     from capfilt.stages.pretrain import prepare_tokenizer
+    from capfilt.training.store import StageStore
 
-    if "://" in run.root:
-        raise ValueError(f"{run.root}: the tokenizer stage writes a local directory, not a URL: a pipeline that trains "
-                         "needs a run_dir on a filesystem (local or shared)")
+    sources = _shard_sources(run, ("human", "web"))
     out_dir = run.stage_dir(step.name)
-    return {"tokenizer": str(prepare_tokenizer(step.section, _shard_sources(run, ("human", "web")), out_dir))}
+    if "://" not in out_dir:
+        return {"tokenizer": str(prepare_tokenizer(step.section, sources, out_dir))}
+    store = StageStore(out_dir)  # made in a local mirror, then uploaded
+    prepare_tokenizer(step.section, sources, str(store.local / "tokenizer"))
+    return {"tokenizer": store.push("tokenizer")}
 
 
 def _pretrain(run: Run, step: Step) -> dict[str, Any]:
@@ -152,32 +173,32 @@ def _pretrain(run: Run, step: Step) -> dict[str, Any]:
         sources = _shard_sources(run, ("web", "human"))
     model = run.config.model
     if "vision" in step.inputs:
-        vision = run.output(step.inputs["vision"])["vit"]
+        vision = _local(run.output(step.inputs["vision"])["vit"])
         model = model.model_copy(update={"init": model.init.model_copy(update={"vision": vision})})
-    init_from = run.output(step.inputs["continue"])["med"] if "continue" in step.inputs else None
-    return run_pretrain(step.section, model, run.output("tokenizer")["tokenizer"], sources,
-                        run.stage_dir(step.name), init_from=init_from, log=run.log)
+    init_from = _local(run.output(step.inputs["continue"])["med"]) if "continue" in step.inputs else None
+    return _uploaded(run_pretrain(step.section, model, _tokenizer_dir(run), sources, run.stage_dir(step.name),
+                                  init_from=init_from, log=run.log))
 
 
 def _model_init(run: Run, step: Step) -> dict[str, Any]:
     from pathlib import Path
 
     from capfilt.training.stage import materialise_init
+    from capfilt.training.store import StageStore
 
-    if "://" in run.root:
-        raise ValueError(f"{run.root}: model_init writes a MED to a filesystem path (local or shared), not a URL")
-    med, report = materialise_init(step.section, run.output("tokenizer")["tokenizer"], 0, Path(run.stage_dir(step.name)))
+    store = StageStore(run.stage_dir(step.name))  # on object storage: a local mirror, uploaded
+    med, report = materialise_init(step.section, _tokenizer_dir(run), 0, store.local)
     run.log(f"[{step.name}] {report['log_line']}")
-    return {"med": med, "init": report}
+    return {"med": store.push(str(Path(med).relative_to(store.local))), "init": report}
 
 
 def _finetune(kind: str) -> Callable[[Run, Step], dict[str, Any]]:
     def finetune(run: Run, step: Step) -> dict[str, Any]:
         from capfilt.stages import finetune as stage
 
-        return stage.run_finetune(kind, step.section, run.output(step.inputs["init"])["med"],
-                                  run.output("tokenizer")["tokenizer"], _shard_sources(run, ("human",)),
-                                  run.stage_dir(step.name), log=run.log)
+        return _uploaded(stage.run_finetune(kind, step.section, _local(run.output(step.inputs["init"])["med"]),
+                                            _tokenizer_dir(run), _shard_sources(run, ("human",)),
+                                            run.stage_dir(step.name), log=run.log))
 
     return finetune
 
@@ -210,7 +231,7 @@ def _capfilt(run: Run, step: Step) -> dict[str, Any]:
 def _evaluate(run: Run, step: Step) -> dict[str, Any]:
     from capfilt.stages.evaluate import run_evaluate
 
-    models = {label: run.output(name)["med"] for label, name in step.inputs["models"].items()}
+    models = {label: _local(run.output(name)["med"]) for label, name in step.inputs["models"].items()}
     capfilt_outputs = {label: run.output(name)["output"] for label, name in step.inputs.get("capfilt", {}).items()}
     run_evaluate(step.section, models, _require(data_reader(run, "test"), "test"), run.stage_dir(step.name),
                  capfilt_outputs=capfilt_outputs, web=data_reader(run, "web"), log=run.log)

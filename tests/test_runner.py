@@ -62,13 +62,6 @@ def test_a_stage_made_from_one_that_would_be_redone_is_refused(tmp_path, monkeyp
     assert ran == ["pretrain_vision"]
 
 
-def test_a_run_dir_url_is_refused_by_the_tokenizer_stage_that_writes_local_files():
-    config = PipelineConfig.model_validate({"data": {"web": {"paths": "w/*.parquet"}, "human": {"paths": "h/*.parquet"}},
-                                            "pretrain": {"steps": 3}})
-    with pytest.raises(ValueError, match="memory://runs/x: the tokenizer stage writes a local directory"):
-        run_pipeline(config, "memory://runs/x", log=lambda _: None)
-
-
 def test_stages_are_reused_from_another_run_only_when_made_from_the_same_data_and_inputs(tmp_path, monkeypatch):
     config, first = PipelineConfig(), str(tmp_path / "first")
     _fake_plan(monkeypatch)

@@ -103,7 +103,8 @@ def load_filter(name_or_path: str | Path, revision: str | None = None, device="c
 
 
 def _load(cls, name_or_path, revision, device, dtype) -> LoadedModel:
-    source = str(name_or_path)
+    requested = str(name_or_path)
+    source = _local(requested)
     model, info = cls.from_pretrained(source, revision=revision, dtype=dtype, output_loading_info=True)
     missing = sorted(info["missing_keys"])
     if missing:
@@ -131,8 +132,18 @@ def _load(cls, name_or_path, revision, device, dtype) -> LoadedModel:
         image_size=image["image_size"],
         image_mean=image["mean"],
         image_std=image["std"],
-        provenance=model_provenance(source, revision=revision),
+        provenance=model_provenance(requested, revision=revision),
     )
+
+
+def _local(name_or_path: str) -> str:
+    """A model directory on object storage (``s3://``, ``gs://``: a run directory there, credentials from
+    the environment) as a local copy, which ``from_pretrained`` reads; a path or hub id as it is."""
+    if "://" not in name_or_path:
+        return name_or_path
+    from capfilt.training.store import fetch
+
+    return fetch(name_or_path)
 
 
 def read_image_processor(name_or_path: str | Path, revision: str | None = None) -> dict[str, Any]:
@@ -157,10 +168,11 @@ def model_provenance(name_or_path: str | Path, revision: str | None = None) -> d
     from transformers.utils import cached_file
     from transformers.utils.hub import extract_commit_hash
 
-    source = str(name_or_path)
+    requested = str(name_or_path)
+    source = _local(requested)
     config_file = cached_file(source, "config.json", revision=revision)
     record = {
-        "source": source,
+        "source": requested,
         "architectures": json.loads(Path(config_file).read_text()).get("architectures"),
         "revision": extract_commit_hash(config_file, None) or revision,  # the resolved commit for a hub id
         "requested_revision": revision,

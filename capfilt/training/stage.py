@@ -59,12 +59,13 @@ def med_digest(model_dir: str | Path) -> str:
 
 
 def source_identity(source: str, revision: str | None = None) -> dict[str, Any]:
-    """A weights source as content where it is local (a file or directory digest), else as a hub id."""
+    """A weights source as content where it is local (a file or directory digest; not its path, which
+    differs between machines that fetch the same run's files), else as a hub id."""
     path = Path(source)
     if path.is_file():
-        return {"path": str(path), "sha256": file_digest(path)}
+        return {"sha256": file_digest(path)}
     if path.is_dir():
-        return {"path": str(path), "sha256": directory_digest(path)}
+        return {"sha256": directory_digest(path)}
     return {"hub_id": source, "revision": revision}
 
 
@@ -79,7 +80,7 @@ def fingerprint(stage: str, train: TrainConfig, sources: Sequence[PairSource], t
         "model": model.model_dump(mode="json", exclude={"init"}) if model is not None and init_med is None else None,
         "model_init": {name: source_identity(value, init.revision) for name, value in init.model_dump().items()
                        if value and name != "revision"} or None,
-        "init_med": {"path": str(init_med), "sha256": med_digest(init_med)} if init_med else None,
+        "init_med": {"sha256": med_digest(init_med)} if init_med else None,
     }
 
 

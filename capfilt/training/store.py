@@ -163,3 +163,51 @@ class StageStore:
     def remove_checkpoints(self) -> None:
         if self.remote and self.fs.exists(self._remote(REMOTE_CHECKPOINTS)):
             self.fs.rm(self._remote(REMOTE_CHECKPOINTS), recursive=True)
+
+
+# -- another stage's outputs, wherever they live ------------------------------------------------------
+
+
+def fetch(url: str, storage_options: dict[str, Any] | None = None) -> str:
+    """A local path to the file or directory at ``url`` (a local path is returned as it is).
+
+    Stages hand each other their outputs as URLs when the run directory is on object storage; what
+    needs files (a tokenizer, a MED, a ViT checkpoint, an exported model) reads a copy under the scratch
+    directory. The copy is made again only when what the URL holds changed (names, sizes, ETags or
+    modification times), so a stage that was redone is never read from an old copy.
+    """
+    if not is_url(url):
+        return str(url)
+    import shutil
+
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    root = root.rstrip("/")
+    if fs.isdir(root):
+        listing = fs.find(root, detail=True)
+    else:
+        listing = {root: fs.info(root)}
+    if not listing:
+        raise FileNotFoundError(f"{url}: nothing there to fetch")
+    signature = sorted(
+        [name[len(root):].lstrip("/"), info.get("size"),
+         str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or "")]
+        for name, info in listing.items()
+    )
+    base = scratch_for(url).parent / "fetched" / scratch_for(url).name
+    target, marker = base / root.rsplit("/", 1)[-1], base / "_fetched.json"
+    if target.exists() and marker.exists() and json.loads(marker.read_text()) == signature:
+        return str(target)
+    base.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=".fetching-", dir=base))
+    for name in listing:
+        relative = name[len(root):].lstrip("/")
+        local = temporary / target.name / relative if relative else temporary / target.name
+        local.parent.mkdir(parents=True, exist_ok=True)
+        fs.get(name, str(local))
+    marker.unlink(missing_ok=True)
+    if target.exists():
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    os.replace(temporary / target.name, target)
+    shutil.rmtree(temporary, ignore_errors=True)
+    marker.write_text(json.dumps(signature))
+    return str(target)

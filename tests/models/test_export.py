@@ -150,3 +150,39 @@ def test_published_style_checkpoint_loads_through_the_same_path(cls, tmp_path):
     assert loaded.special == {"cls": 101, "enc": 30523, "dec": 30522, "sep": 102, "pad": 0}
     assert loaded.image_size == 384 and loaded.image_mean == pytest.approx(IMAGE_MEAN)
     assert len(loaded.provenance["weights_sha256"]) == 64
+
+
+def test_exports_on_object_storage_load_through_a_local_copy_refreshed_when_they_change(
+        exported, tokenizer, s3_server, tmp_path, monkeypatch):
+    """A captioner or filter in a run directory on S3 (`capfilt.captioners: [{path: s3://...}]`): loaded from a
+    copy under the scratch directory, fetched once, fetched again when the files at the URL change."""
+    import fsspec
+
+    med, captioner_dir, filter_dir = exported
+    # The credentials as a user's environment gives them (fsspec's FSSPEC_S3_* configuration).
+    monkeypatch.setitem(fsspec.config.conf, "s3", s3_server.storage_options)
+    monkeypatch.setenv("CAPFILT_SCRATCH_DIR", str(tmp_path / "scratch"))
+    for local in (captioner_dir, filter_dir):
+        for path in local.iterdir():
+            s3_server.client.upload_file(str(path), s3_server.bucket, f"run/{local.name}/{path.name}")
+    url = s3_server.url("run/captioner")
+    loaded = load_captioner(url)
+    assert loaded.provenance["source"] == url
+    assert loaded.provenance["weights_sha256"] == load_captioner(captioner_dir).provenance["weights_sha256"]
+    copies = list((tmp_path / "scratch").rglob("model.safetensors"))
+    assert len(copies) == 1
+    fetched_at = copies[0].stat().st_mtime_ns
+    assert load_filter(s3_server.url("run/filter")).provenance["source"] == s3_server.url("run/filter")
+
+    load_captioner(url)  # unchanged: the same copy
+    assert copies[0].stat().st_mtime_ns == fetched_at
+    # The stage was redone: other weights at the same URL are fetched, never the old copy reused.
+    with torch.no_grad():
+        next(med.text_decoder.parameters()).add_(1.0)
+    export_captioner(med, tokenizer, tmp_path / "redone")
+    s3_server.client.upload_file(str(tmp_path / "redone" / "model.safetensors"), s3_server.bucket,
+                                 "run/captioner/model.safetensors")
+    reloaded = load_captioner(url)
+    assert reloaded.provenance["weights_sha256"] != loaded.provenance["weights_sha256"]
+    assert reloaded.provenance["weights_sha256"] == hashlib.sha256(
+        (tmp_path / "redone" / "model.safetensors").read_bytes()).hexdigest()
