@@ -30,7 +30,8 @@ from capfilt.config import ConfigError, PipelineConfig, Section
 
 TABLE_MD, TABLE_JSON = "table.md", "table.json"
 
-# (header, where in metrics.json, scale, digits); rows read their last model and last round.
+# (header, where in metrics.json, scale shown in Markdown, digits); rows read their last model and last
+# round. table.json holds the values as metrics.json does (fractions), minutes in minutes.
 COLUMNS = [
     ("TR@1", ("model", "retrieval", "i2t_r1"), 100.0, 1),
     ("IR@1", ("model", "retrieval", "t2i_r1"), 100.0, 1),
@@ -40,7 +41,7 @@ COLUMNS = [
     ("filter AUC", ("round", "filter", "roc_auc"), 1.0, 3),
     ("synthetic acc", ("round", "captioner", "synthetic_caption_accuracy"), 1.0, 3),
     ("pairs kept", ("round", "capfilt", "kept_texts"), 1.0, 0),
-    ("minutes", ("seconds", "total"), 1 / 60, 1),
+    ("minutes", ("seconds", "total"), 1.0, 1),
 ]
 
 
@@ -167,7 +168,7 @@ def read_table(root: str, rows: list[str]) -> dict[str, Any]:
             value: Any = sources[source]
             for key in keys:
                 value = value.get(key) if isinstance(value, dict) else None
-            values[header] = value
+            values[header] = value / 60 if header == "minutes" and value is not None else value
         table["rows"][row] = {"model": model, "rounds": max(len(rounds), 1 if metrics.get("capfilt") else 0),
                               "values": values}
     return table
