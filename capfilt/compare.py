@@ -26,7 +26,15 @@ from typing import Any, Callable
 import fsspec
 from pydantic import Field
 
-from capfilt.config import ConfigError, PipelineConfig, Section
+from capfilt.config import (
+    ConfigError,
+    PipelineConfig,
+    Section,
+    is_comparison_data,
+    read_yaml_mapping,
+    validate_pipeline,
+    validation_problems,
+)
 
 TABLE_MD, TABLE_JSON = "table.md", "table.json"
 
@@ -70,52 +78,33 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 def is_comparison(path: str) -> bool:
     """Whether ``path`` holds a comparison (base and rows) rather than a pipeline; False when unreadable."""
-    import yaml
-
     try:
-        with fsspec.open(path, "rt", encoding="utf-8") as handle:
-            data = yaml.safe_load(handle.read())
-    except (OSError, yaml.YAMLError):
+        return is_comparison_data(read_yaml_mapping(path))
+    except ConfigError:
         return False  # load_pipeline reports it
-    return isinstance(data, dict) and "base" in data and "rows" in data
 
 
 def load_comparison(path: str) -> tuple[ComparisonConfig, dict[str, PipelineConfig]]:
     """The comparison file and each row's validated pipeline; errors name the file, row and key."""
-    import yaml
     from pydantic import ValidationError
 
-    from capfilt.config import load_pipeline
-
-    def read_yaml(file: str) -> dict[str, Any]:
-        try:
-            with fsspec.open(file, "rt", encoding="utf-8") as handle:
-                data = yaml.safe_load(handle.read()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{file}: no such file") from None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{file}: not valid YAML: {error}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{file}: the top level must be a mapping, got {type(data).__name__}")
-        return data
-
     try:
-        comparison = ComparisonConfig.model_validate(read_yaml(path))
+        comparison = ComparisonConfig.model_validate(read_yaml_mapping(path))
     except ValidationError as error:
-        problems = [f"  {'.'.join(map(str, item['loc'])) or '(top level)'}: {item['msg']}" for item in error.errors()]
+        problems = validation_problems(error)
         raise ConfigError(f"{path}: {len(problems)} invalid key(s):\n" + "\n".join(problems)) from None
     base_path = comparison.base
     if "://" not in base_path and not os.path.isabs(base_path) and "://" not in path:
         base_path = os.path.join(os.path.dirname(os.path.abspath(path)), base_path)
-    load_pipeline(base_path)  # the base's own errors name the base file
-    base = read_yaml(base_path)
+    base = read_yaml_mapping(base_path)
+    validate_pipeline(base, base_path)  # the base's own errors name the base file
     pipelines = {}
     for row, override in comparison.rows.items():
         try:
             pipelines[row] = PipelineConfig.model_validate(merge(base, override))
         except ValidationError as error:
-            problems = [f"  rows.{row}.{'.'.join(map(str, item['loc']))}: {item['msg']}" for item in error.errors()]
-            raise ConfigError(f"{path}: row {row!r} does not give a valid pipeline:\n" + "\n".join(problems)) from None
+            problems = "\n".join(validation_problems(error, prefix=f"rows.{row}."))
+            raise ConfigError(f"{path}: row {row!r} does not give a valid pipeline:\n{problems}") from None
     return comparison, pipelines
 
 

@@ -620,6 +620,13 @@ class VisionPretrainConfig(Section):
         return self
 
 
+def _ensemble_field(how_capfilt_uses_them: str) -> Any:
+    # Out of the stage's identity (RUNTIME): each member is a stage of its own, identified by its own seed
+    # (member 0 is exactly the single model), and the CapFilt stage records which members it reads.
+    return Field(1, ge=1, le=16, json_schema_extra=RUNTIME,
+                 description=f"train this many, seeds seed, seed+1, ...; CapFilt uses every one: {how_capfilt_uses_them}")
+
+
 class CaptionerTrainConfig(TrainConfig):
     """Captioner fine-tuning: LM only with the prompt, as BLIP's COCO captioning (lr 1e-5, cosine)."""
 
@@ -632,13 +639,8 @@ class CaptionerTrainConfig(TrainConfig):
     objectives: list[Literal["itc", "itm", "lm"]] = Field(["lm"])
     prompt: str = "a picture of "
     image: ImageConfig = ImageConfig()
-    # Out of the stage's identity: each member is a stage of its own, identified by its own seed (member 0
-    # is exactly the single model), and the CapFilt stage records which members it reads.
-    ensemble: int = Field(
-        1, ge=1, le=16, description="train this many, seeds seed, seed+1, ...; CapFilt uses every one: "
-        "capfilt.sampling.num_captions captions from each (an ensemble, a direction the paper leaves open)",
-        json_schema_extra=RUNTIME,
-    )
+    ensemble: int = _ensemble_field("capfilt.sampling.num_captions captions from each (an ensemble, a direction "
+                                    "the paper leaves open)")
 
 
 class FilterTrainConfig(TrainConfig):
@@ -652,13 +654,7 @@ class FilterTrainConfig(TrainConfig):
     max_text_length: int = Field(35, ge=2)
     objectives: list[Literal["itc", "itm", "lm"]] = Field(["itc", "itm"])
     image: ImageConfig = ImageConfig()
-    # Out of the stage's identity: each member is a stage of its own, identified by its own seed (member 0
-    # is exactly the single model), and the CapFilt stage records which members it reads.
-    ensemble: int = Field(
-        1, ge=1, le=16, description="train this many, seeds seed, seed+1, ...; CapFilt uses every one: the mean of their "
-        "ITM match probabilities decides",
-        json_schema_extra=RUNTIME,
-    )
+    ensemble: int = _ensemble_field("the mean of their ITM match probabilities decides")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -859,17 +855,10 @@ class PipelineConfig(Section):
         return self
 
 
-def load_pipeline(path: str, storage_options: dict[str, Any] | None = None) -> PipelineConfig:
-    """Read a pipeline YAML (safely) and validate it; errors name every offending key.
-
-    ``path`` is a local file or an fsspec URL (``s3://bucket/pipeline.yaml``, ``gs://...``), opened with
-    ``storage_options`` (default: none, so the backend finds its own, e.g. s3fs the ``AWS_*`` variables).
-    Paths inside the file are not resolved against its folder: a relative data path or ``run_dir`` (and
-    the default ``runs/<name>``) is relative to the working directory of the process that runs it.
-    """
+def read_yaml_mapping(path: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The mapping a YAML file (a path or an fsspec URL) holds, read safely; errors name the file."""
     import fsspec
     import yaml
-    from pydantic import ValidationError
 
     try:
         with fsspec.open(path, "rt", encoding="utf-8", **(storage_options or {})) as handle:
@@ -884,17 +873,46 @@ def load_pipeline(path: str, storage_options: dict[str, Any] | None = None) -> P
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
-    if "base" in data and "rows" in data:
+    return data
+
+
+def is_comparison_data(data: dict[str, Any]) -> bool:
+    """A comparison file (capfilt/compare.py: a base pipeline and rows of overrides), not a pipeline."""
+    return "base" in data and "rows" in data
+
+
+def validation_problems(error: Any, prefix: str = "") -> list[str]:
+    """One line per invalid key of a pydantic ``ValidationError``, the key's dotted path after ``prefix``."""
+    problems = []
+    for item in error.errors():
+        key = prefix + ".".join(str(part) for part in item["loc"]) or "(top level)"
+        shown = item["type"] != "missing" and not isinstance(item["input"], dict)
+        problems.append(f"  {key}: {item['msg']}" + (f" (got {item['input']!r})" if shown else ""))
+    return problems
+
+
+def validate_pipeline(data: dict[str, Any], path: str) -> PipelineConfig:
+    """``data`` (read from ``path``) as a pipeline; the error names ``path`` and every offending key."""
+    from pydantic import ValidationError
+
+    if is_comparison_data(data):
         raise ConfigError(f"{path}: a comparison of pipelines (base and rows), not a pipeline: `capfilt compare {path}`")
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as error:
-        problems = []
-        for item in error.errors():
-            key = ".".join(str(part) for part in item["loc"]) or "(top level)"
-            shown = item["type"] != "missing" and not isinstance(item["input"], dict)
-            problems.append(f"  {key}: {item['msg']}" + (f" (got {item['input']!r})" if shown else ""))
+        problems = validation_problems(error)
         raise ConfigError(f"{path}: {len(problems)} invalid key(s):\n" + "\n".join(problems)) from None
+
+
+def load_pipeline(path: str, storage_options: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read a pipeline YAML (safely) and validate it; errors name every offending key.
+
+    ``path`` is a local file or an fsspec URL (``s3://bucket/pipeline.yaml``, ``gs://...``), opened with
+    ``storage_options`` (default: none, so the backend finds its own, e.g. s3fs the ``AWS_*`` variables).
+    Paths inside the file are not resolved against its folder: a relative data path or ``run_dir`` (and
+    the default ``runs/<name>``) is relative to the working directory of the process that runs it.
+    """
+    return validate_pipeline(read_yaml_mapping(path, storage_options), path)
 
 
 class ConfigError(ValueError):

@@ -25,6 +25,7 @@ from capfilt.config import CLIP_MEAN as IMAGE_MEAN  # noqa: E402 -- one source o
 from capfilt.config import CLIP_STD as IMAGE_STD
 from capfilt.data.text import load_tokenizer
 from capfilt.models.tokens import special_ids
+from capfilt.training.store import fetch
 
 
 def blip_config(med) -> BlipConfig:
@@ -104,7 +105,7 @@ def load_filter(name_or_path: str | Path, revision: str | None = None, device="c
 
 def _load(cls, name_or_path, revision, device, dtype) -> LoadedModel:
     requested = str(name_or_path)
-    source = _local(requested)
+    source = fetch(requested)  # a model directory on object storage: a local copy
     model, info = cls.from_pretrained(source, revision=revision, dtype=dtype, output_loading_info=True)
     missing = sorted(info["missing_keys"])
     if missing:
@@ -136,16 +137,6 @@ def _load(cls, name_or_path, revision, device, dtype) -> LoadedModel:
     )
 
 
-def _local(name_or_path: str) -> str:
-    """A model directory on object storage (``s3://``, ``gs://``: a run directory there, credentials from
-    the environment) as a local copy, which ``from_pretrained`` reads; a path or hub id as it is."""
-    if "://" not in name_or_path:
-        return name_or_path
-    from capfilt.training.store import fetch
-
-    return fetch(name_or_path)
-
-
 def read_image_processor(name_or_path: str | Path, revision: str | None = None) -> dict[str, Any]:
     """``{"image_size", "mean", "std"}`` from the directory's ``preprocessor_config.json``."""
     source = str(name_or_path)
@@ -169,7 +160,7 @@ def model_provenance(name_or_path: str | Path, revision: str | None = None) -> d
     from transformers.utils.hub import extract_commit_hash
 
     requested = str(name_or_path)
-    source = _local(requested)
+    source = fetch(requested)  # a model directory on object storage: a local copy
     config_file = cached_file(source, "config.json", revision=revision)
     record = {
         "source": requested,

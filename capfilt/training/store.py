@@ -193,7 +193,8 @@ def fetch(url: str, storage_options: dict[str, Any] | None = None) -> str:
          str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or "")]
         for name, info in listing.items()
     )
-    base = scratch_for(url).parent / "fetched" / scratch_for(url).name
+    mirror = scratch_for(url)
+    base = mirror.parent / "fetched" / mirror.name
     target, marker = base / root.rsplit("/", 1)[-1], base / "_fetched.json"
     if target.exists() and marker.exists() and json.loads(marker.read_text()) == signature:
         return str(target)
