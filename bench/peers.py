@@ -74,7 +74,7 @@ def shard_rows(shards: list[str]) -> list[dict[str, Any]]:
 
 def peer_samples(rows: list[dict[str, Any]], image_paths: dict[str, str]) -> list[dict[str, Any]]:
     """Data-Juicer's input: the rows capfilt can decode (the others it rejects before any model runs)."""
-    from capfilt.data.images import DecodeError, decode_image
+    from capfilt.data.decode import DecodeError, decode_image
 
     samples = []
     for row in rows:
@@ -235,7 +235,7 @@ def diagnose(rows: list[dict[str, Any]], samples: list[dict[str, Any]], models: 
     from PIL import Image
     from transformers import AutoProcessor, BlipForImageTextRetrieval
 
-    from capfilt.data.images import decode_image
+    from capfilt.data.decode import decode_image
     from capfilt.data.text import load_tokenizer, pre_caption
     from capfilt.models.export import read_image_processor
     from capfilt.models.tokens import itm_ids

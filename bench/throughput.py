@@ -38,7 +38,7 @@ def decoded_rows(shards: list[str], image_size: int, limit: int) -> tuple[Any, l
     import numpy as np
     import pyarrow.parquet as pq
 
-    from capfilt.data.images import DecodeError, decode_image
+    from capfilt.data.decode import DecodeError, decode_image
     from capfilt.stages.capfilt import resize_uint8
 
     pixels, keys, captions, raw = [], [], [], []

@@ -195,7 +195,7 @@ class PairReader:
         counts: PairCounts,
     ) -> pa.Table:
         """Decode-check each image once and clean each text; the usable ones become pair rows."""
-        from capfilt.data.images import DecodeError, decode_image
+        from capfilt.data.decode import DecodeError, decode_image
         from capfilt.data.text import CaptionError, clean_caption
 
         out: dict[str, list] = {name: [] for name in PAIR_SCHEMA.names}

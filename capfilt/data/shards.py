@@ -51,16 +51,16 @@ reason                              decided by                   detail
 ``rows_unreadable``                 shards (the readers)         Parquet: the row group that does not
                                                                  decode and why; tar: the sample's
                                                                  ``.json`` that does not parse
-``decode_error: missing``           images.decode_image          null image bytes
-``decode_error: empty``             images.decode_image          zero bytes
-``decode_error: not_bytes``         images.decode_image          the value's type
-``decode_error: not_an_image``      images.decode_image          size and first bytes
-``decode_error: truncated``         images.decode_image          Pillow's message
-``decode_error: too_many_pixels``   images.decode_image          ``WxH > limit N``, from the header,
+``decode_error: missing``           decode.decode_image          null image bytes
+``decode_error: empty``             decode.decode_image          zero bytes
+``decode_error: not_bytes``         decode.decode_image          the value's type
+``decode_error: not_an_image``      decode.decode_image          size and first bytes
+``decode_error: truncated``         decode.decode_image          Pillow's message
+``decode_error: too_many_pixels``   decode.decode_image          ``WxH > limit N``, from the header,
                                                                  before any pixel is decoded (or
                                                                  Pillow's own bomb message)
-``decode_error: corrupt``           images.decode_image          exception type and message
-``decode_error: unsupported_mode``  images.decode_image          the Pillow mode
+``decode_error: corrupt``           decode.decode_image          exception type and message
+``decode_error: unsupported_mode``  decode.decode_image          the Pillow mode
 ``transform_error``                 images.decode_batch          exception type and message
 ``caption_missing``                 text.clean_caption           ``NaN`` or nothing
 ``caption_not_text``                text.clean_caption           the value's type, or bad UTF-8

@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 import torch
 
 from capfilt.config import ReaderConfig
-from capfilt.data.images import DecodeError, decode_image
+from capfilt.data.decode import DecodeError, decode_image
 from capfilt.data.text import pre_caption
 
 REFERENCES_COLUMN = "captions"  # the world's (and COCO-style) list of references; else the one caption

@@ -40,7 +40,7 @@ def make_thumbnail(data: bytes | None, size: int, quality: int = 80) -> Thumbnai
     """Decode untrusted bytes (capfilt's robust decoder) and shrink them to an inline JPEG."""
     from PIL import Image
 
-    from capfilt.data.images import DecodeError, decode_image
+    from capfilt.data.decode import DecodeError, decode_image
 
     try:
         image = decode_image(data)

@@ -64,7 +64,7 @@ class LabelledImages:
 
 def read_labelled(reader: ReaderConfig, label_column: str, image_size: int) -> LabelledImages:
     """Every row of ``reader``'s shards: decoded and resized, or counted under a reject reason."""
-    from capfilt.data.images import DecodeError, decode_image
+    from capfilt.data.decode import DecodeError, decode_image
     from capfilt.data.shards import make_reader, split_by_status
 
     # Resize only: the model normalises, and augmentation works on the resized pixels.

@@ -248,7 +248,7 @@ def make_batch(
     """
     import torch
 
-    from capfilt.data.images import DecodeError, decode_image
+    from capfilt.data.decode import DecodeError, decode_image
 
     by_unit = dict(zip(unit_ids, tables))
     positions = np.asarray(positions, dtype=np.int64)
@@ -329,12 +329,16 @@ class BatchPrefetcher:
         return self._decode.remote(positions, units, ordinals, unit_ids, *[refs[unit] for unit in unit_ids],
                                    **self._udf_kwargs)
 
-    def __next__(self) -> dict[str, Any]:
-        import ray
-
+    def submit_ahead(self) -> None:
+        """Submit the first ``ahead`` micro-batches now rather than at the first ``next``."""
         while len(self._pending) < self._ahead and self._submitted < len(self._chunks):
             self._pending.append(self._submit(self._chunks[self._submitted]))
             self._submitted += 1
+
+    def __next__(self) -> dict[str, Any]:
+        import ray
+
+        self.submit_ahead()
         if not self._pending:
             raise StopIteration
         return ray.get(self._pending.popleft())

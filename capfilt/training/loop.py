@@ -261,10 +261,7 @@ def train_loop_per_worker(spec_dict: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from capfilt.data.text import load_tokenizer
-    from capfilt.models.med import alpha_at
     from capfilt.training.data import BatchPrefetcher, StreamPlan, derived_seed, rank_positions
-    from capfilt.training.optim import lr_at, make_optimizer
 
     spec = WorkerSpec(**spec_dict)
     config = TrainConfig.model_validate(spec.config)
@@ -272,6 +269,18 @@ def train_loop_per_worker(spec_dict: dict) -> None:
     context = ray.train.get_context()
     rank = context.get_world_rank()
     device = ray.train.torch.get_device()
+    positions = rank_positions(spec.start_step, config.steps, config.batch_size, config.workers, rank)
+    plan = StreamPlan(spec.stream["unit_pairs"], config.seed, config.shuffle_shards, spec.stream["unit_groups"])
+    # The first micro-batches are submitted now, so their decode workers start (seconds of imports each)
+    # while this worker imports the model code and builds the MED.
+    batches = BatchPrefetcher(positions, config.micro_batch, plan, ray.get_actor(spec.stream["cache"]), rank,
+                              spec.data, config.data_cpus)
+    batches.submit_ahead()
+
+    from capfilt.data.text import load_tokenizer
+    from capfilt.models.med import alpha_at
+    from capfilt.training.optim import lr_at, make_optimizer
+
     tokenizer = load_tokenizer(spec.tokenizer_dir)
 
     med = _build_med(spec, config, tokenizer)
@@ -288,10 +297,6 @@ def train_loop_per_worker(spec_dict: dict) -> None:
     autocast = autocast_for(device, config.mixed_precision)
     prompt_length = prompt_length_of(tokenizer, config.prompt)
 
-    positions = rank_positions(spec.start_step, config.steps, config.batch_size, config.workers, rank)
-    plan = StreamPlan(spec.stream["unit_pairs"], config.seed, config.shuffle_shards, spec.stream["unit_groups"])
-    cache = ray.get_actor(spec.stream["cache"])
-    batches = BatchPrefetcher(positions, config.micro_batch, plan, cache, rank, spec.data, config.data_cpus)
     bad = BadPairs(spec, config, rank)
     samples_path = str(Path(spec.log_path).parent / SAMPLES_GLOB.replace("*", str(rank)))
     meter = _Meter(spec.start_step)

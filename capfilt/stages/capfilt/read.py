@@ -93,7 +93,7 @@ class ReadAndDecode:
         yield _marker(task, rows=rows_seen)
 
     def decode(self, rows: pa.Table, task: ShardTask) -> pa.Table:
-        from capfilt.data.images import DecodeError, decode_image
+        from capfilt.data.decode import DecodeError, decode_image
         from capfilt.data.shards import status_reason
 
         n = rows.num_rows
