@@ -175,9 +175,10 @@ def _pretrain(run: Run, step: Step) -> dict[str, Any]:
     if "vision" in step.inputs:
         vision = _local(run.output(step.inputs["vision"])["vit"])
         model = model.model_copy(update={"init": model.init.model_copy(update={"vision": vision})})
-    init_from = _local(run.output(step.inputs["continue"])["med"]) if "continue" in step.inputs else None
-    return _uploaded(run_pretrain(step.section, model, _tokenizer_dir(run), sources, run.stage_dir(step.name),
-                                  init_from=init_from, log=run.log))
+    # The MED and tokenizer by their URLs where the run is on object storage: the workers fetch them.
+    init_from = run.output(step.inputs["continue"])["med"] if "continue" in step.inputs else None
+    return _uploaded(run_pretrain(step.section, model, run.output("tokenizer")["tokenizer"], sources,
+                                  run.stage_dir(step.name), init_from=init_from, log=run.log))
 
 
 def _model_init(run: Run, step: Step) -> dict[str, Any]:
@@ -196,8 +197,8 @@ def _finetune(kind: str) -> Callable[[Run, Step], dict[str, Any]]:
     def finetune(run: Run, step: Step) -> dict[str, Any]:
         from capfilt.stages import finetune as stage
 
-        return _uploaded(stage.run_finetune(kind, step.section, _local(run.output(step.inputs["init"])["med"]),
-                                            _tokenizer_dir(run), _shard_sources(run, ("human",)),
+        return _uploaded(stage.run_finetune(kind, step.section, run.output(step.inputs["init"])["med"],
+                                            run.output("tokenizer")["tokenizer"], _shard_sources(run, ("human",)),
                                             run.stage_dir(step.name), log=run.log))
 
     return finetune

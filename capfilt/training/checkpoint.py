@@ -6,13 +6,15 @@ read back with ``torch.load(weights_only=True)``, never unpickled) and ``state.j
 every file's size). The step is all the remaining state: the learning rate, the data position and
 every random draw are functions of (seed, step).
 
-Ray Train copies a checkpoint into ``<root>/attempt-NNN/step_SSSSSSSS`` file by file, so a driver
-killed mid-copy leaves a torn directory. A checkpoint counts only when ``state.json`` parses and
-every file it lists has its recorded size (:func:`is_complete`). Each run of a stage is a new
-attempt (a new Ray Train run name), so Ray never tries to restore its own, possibly torn, run
-snapshot: the resume point is chosen here (:func:`latest`), and everything older is deleted before
-the new attempt starts (:func:`prune`). ``CURRENT`` names the attempt that may write: the workers of
-a killed driver live on for a few seconds and stop when they see it changed.
+Ray Train copies a checkpoint into ``<root>/attempt-NNN/step_SSSSSSSS`` file by file (for a stage on
+object storage rank 0 uploads it to ``<url>/checkpoints/step_SSSSSSSS`` the same way, see
+:mod:`capfilt.training.store`), so a driver killed mid-copy leaves a torn directory. A checkpoint
+counts only when ``state.json`` parses and every file it lists has its recorded size
+(:func:`is_complete`). Each run of a stage is a new attempt (a new Ray Train run name), so Ray never
+tries to restore its own, possibly torn, run snapshot: the resume point is chosen here
+(:func:`latest`), and everything older is deleted before the new attempt starts (:func:`prune`).
+``CURRENT`` names the attempt that may write (:mod:`capfilt.training.records` checks it): the workers
+of a killed driver live on for a few seconds and must not write into a run that has moved on.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -114,12 +117,14 @@ def set_current_attempt(root: str | Path, attempt: str) -> None:
     os.replace(temporary, root / CURRENT_FILE)
 
 
-def next_attempt(root: str | Path) -> str:
-    """A name no earlier attempt used (not even one killed before Ray created its directory)."""
+def next_attempt(root: str | Path, used: Sequence[str] = ()) -> str:
+    """A name no earlier attempt used (not even one killed before Ray created its directory, nor any of
+    ``used``: attempts another machine ran, named in the log it left)."""
     numbers = [number for number, _ in _attempts(Path(root))]
-    current = _ATTEMPT.match(current_attempt(root) or "")
-    if current:
-        numbers.append(int(current.group(1)))
+    for name in [current_attempt(root) or "", *used]:
+        match = _ATTEMPT.match(name)
+        if match:
+            numbers.append(int(match.group(1)))
     return f"attempt-{max(numbers) + 1 if numbers else 0:03d}"
 
 

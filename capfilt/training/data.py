@@ -213,10 +213,14 @@ class UnitCache:
 
 
 @lru_cache(maxsize=2)
-def _tokenizer(tokenizer_dir: str):
-    from capfilt.data.text import load_tokenizer
+def _tokenizer(tokenizer_dir: str, storage_options_json: str = "{}"):
+    """The tokenizer at a path, or at a URL (fetched once per process onto this node)."""
+    import json
 
-    return load_tokenizer(tokenizer_dir)
+    from capfilt.data.text import load_tokenizer
+    from capfilt.training.store import fetch
+
+    return load_tokenizer(fetch(tokenizer_dir, json.loads(storage_options_json)))
 
 
 @lru_cache(maxsize=4)
@@ -239,6 +243,7 @@ def make_batch(
     max_text_length: int,
     prompt: str,
     seed: int,
+    storage_options_json: str = "{}",
 ) -> dict[str, Any]:
     """One micro-batch (run as a Ray task): pixels, token ids and mask, image ids, positions, and the bad pairs.
 
@@ -288,7 +293,7 @@ def make_batch(
     with torch.inference_mode():
         pixels = torch.stack([transform(decoded[source[index]], seed=derived_seed("augment", seed, int(position)))
                               for index, position in enumerate(positions)])
-    tokens = _tokenizer(tokenizer_dir)([prompt + texts[index] for index in source], padding="max_length",
+    tokens = _tokenizer(tokenizer_dir, storage_options_json)([prompt + texts[index] for index in source], padding="max_length",
                                        truncation=True, max_length=max_text_length, return_tensors="np")
     return {
         "pixel_values": pixels.numpy(),

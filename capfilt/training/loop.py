@@ -6,13 +6,16 @@ The driver (:func:`train`) picks the resume point (the newest complete checkpoin
 steps: ``grad_accumulation`` micro-batches, AdamW, the learning rate of
 :func:`~capfilt.training.optim.lr_at`, bf16 autocast on GPU; Ray tasks decode each rank's batches
 ahead of it (:mod:`capfilt.training.data`). Every ``checkpoint_every`` steps (and at the end) rank 0
-writes a checkpoint (:mod:`capfilt.training.checkpoint`) and reports it to Ray Train, which copies it
-into the stage directory. Every random draw of step ``s`` on rank ``r`` comes from a generator seeded by
-(seed, s, r), and the data of step ``s`` is fixed by (seed, s), so a resumed run continues exactly.
+writes a checkpoint (:mod:`capfilt.training.checkpoint`): reported to Ray Train, which copies it into
+the stage directory, or, for a stage on object storage, uploaded by rank 0 itself to the stage's URL.
+Every random draw of step ``s`` on rank ``r`` comes from a generator seeded by (seed, s, r), and the
+data of step ``s`` is fixed by (seed, s), so a resumed run continues exactly.
 
-Rank 0 appends one JSON line per ``log_every`` steps to ``<out_dir>/train_log.jsonl``; the driver
-follows that file and passes each record to its ``log`` callable. The stage directory must be a
-filesystem path every worker can reach (local, or shared across nodes as Ray Train's storage is).
+Workers write no files of the stage: their log lines, bad pairs and samples go to an actor on the
+driver's node (:mod:`capfilt.training.records`), and what they read (tokenizer, initial MED, resume
+checkpoint) they fetch by URL when the stage is on object storage. So a stage on object storage
+trains on nodes that share no filesystem; a local stage directory needs one shared by every node that
+runs a worker. The driver follows ``train_log.jsonl`` and passes each record to its ``log`` callable.
 """
 
 from __future__ import annotations
@@ -32,8 +35,18 @@ import torch
 
 from capfilt.config import MedConfig, PairSource, TrainConfig
 from capfilt.training import checkpoint as ckpt
+from capfilt.training.records import (
+    BAD_PAIRS_GLOB,
+    LOG_FILE,
+    SAMPLES_GLOB,
+    append_records,
+    bad_pairs_summary,
+    rank_file,
+    read_log,
+    rewind_log,
+    start_run_records,
+)
 
-LOG_FILE = "train_log.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 LOSS_NAMES = ("loss", "loss_itc", "loss_itm", "loss_lm")
 
@@ -126,17 +139,18 @@ class WorkerSpec:
     """What the driver hands every worker: plain data."""
 
     config: dict  # TrainConfig dump
-    tokenizer_dir: str
-    log_path: str
+    tokenizer_dir: str  # a path, or a URL each worker fetches (capfilt.training.store.fetch)
+    records: str  # the name of the run's RunRecords actor (capfilt.training.records)
     start_step: int
-    checkpoints: str  # the checkpoints root, whose CURRENT file names the attempt allowed to write
-    attempt: str
+    attempt: str  # the attempt this run is; RunRecords refuses a superseded one's writes
     model: dict | None = None  # MedConfig dump: a fresh MED of this size
-    init_med: str | None = None  # or a MED directory to start from
-    resume: str | None = None  # a checkpoint directory (wins over both)
+    init_med: str | None = None  # or a MED directory (path or URL) to start from
+    resume: str | None = None  # a checkpoint directory, path or URL (wins over both)
     fingerprint: str = ""
     data: dict | None = None  # make_batch's keyword arguments
     stream: dict | None = None  # unit_pairs (one count per unit) and the UnitCache actor's name
+    upload_checkpoints: str | None = None  # a stage URL: rank 0 uploads checkpoints there instead of reporting them
+    storage_options: dict | None = None  # fsspec options for the URLs above
 
 
 class _Meter:
@@ -170,90 +184,50 @@ class _Meter:
         return record
 
 
-def _append(path: str, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, sort_keys=True) + "\n")
-
-
-def _check_current(spec: WorkerSpec) -> None:
-    """Stop a worker whose run was superseded: a SIGKILLed driver's workers outlive it by a few
-    seconds, and must not write into a directory a resumed run now owns."""
-    current = ckpt.current_attempt(spec.checkpoints)
-    if current != spec.attempt:
-        raise RuntimeError(f"{spec.checkpoints}: attempt {spec.attempt} was superseded by {current}; stopping")
-
-
 def _build_med(spec: WorkerSpec, config: TrainConfig, tokenizer):
     from capfilt.models.med import MED, load_med
+    from capfilt.training.store import fetch
 
     if spec.resume:
-        return load_med(spec.resume)
+        return load_med(fetch(spec.resume, spec.storage_options))
     if spec.init_med:
-        return load_med(spec.init_med, image_size=config.image_size)
+        return load_med(fetch(spec.init_med, spec.storage_options), image_size=config.image_size)
     model_config = with_image_size(MedConfig.model_validate(spec.model), config.image_size)
     torch.manual_seed(config.seed)  # the same fresh weights on every rank (DDP also broadcasts rank 0's)
     return MED.from_config(model_config, tokenizer)
 
 
-BAD_PAIRS_GLOB = "bad_pairs.rank*.jsonl"
-SAMPLES_GLOB = "samples.rank*.jsonl"  # TrainConfig.record_samples
-
-
 class BadPairs:
-    """One rank's pairs that training met but could not use: appended to ``bad_pairs.rank{r}.jsonl``
-    beside the log (a resumed run meets the same positions again: readers dedupe by position). The run
-    stops once the distinct pairs a rank has found unusable exceed ``max_bad_fraction`` of the data's."""
+    """One rank's pairs that training met but could not use, recorded in ``bad_pairs.rank{r}.jsonl``
+    (a resumed run meets the same positions again: readers dedupe by position). The run stops once the
+    distinct pairs a rank has found unusable exceed ``max_bad_fraction`` of the data's."""
 
-    def __init__(self, spec: WorkerSpec, config: TrainConfig, rank: int):
-        directory = Path(spec.log_path).parent
-        self.path = directory / BAD_PAIRS_GLOB.replace("*", str(rank))
-        before = spec.start_step * config.batch_size
-        self.pairs = {(record["unit"], record["ordinal"]) for position, record in read_bad_pairs(directory)
-                      if position < before}
+    def __init__(self, spec: WorkerSpec, config: TrainConfig, rank: int, records):
+        import ray
+
+        self.name = rank_file(BAD_PAIRS_GLOB, rank)
+        self.records, self.attempt = records, spec.attempt
+        self.pairs = {tuple(pair) for pair in
+                      ray.get(records.bad_pairs_before.remote(spec.start_step * config.batch_size))}
         self.total = sum(spec.stream["unit_pairs"])
         self.allowed = config.max_bad_fraction * self.total
         self.reasons: dict[str, int] = {}
 
-    def add(self, records: list[dict[str, Any]], step: int) -> None:
-        if not records:
+    def add(self, found: list[dict[str, Any]], step: int) -> None:
+        import ray
+
+        if not found:
             return
-        with open(self.path, "a", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps({**record, "step": step}, sort_keys=True) + "\n")
-                self.reasons[record["reason"]] = self.reasons.get(record["reason"], 0) + 1
-                self.pairs.add((record["unit"], record["ordinal"]))
+        ray.get(self.records.append.remote(self.name, [{**record, "step": step} for record in found], self.attempt))
+        for record in found:
+            self.reasons[record["reason"]] = self.reasons.get(record["reason"], 0) + 1
+            self.pairs.add((record["unit"], record["ordinal"]))
         if len(self.pairs) > self.allowed:
             raise RuntimeError(
                 f"{len(self.pairs)} of the {self.total} pairs could not be used in training ({self.reasons}; "
-                f"e.g. {records[0]}): more than max_bad_fraction {self.allowed / self.total:g} allows; see {self.path}"
+                f"e.g. {found[0]}): more than max_bad_fraction {self.allowed / self.total:g} allows; "
+                f"see {self.name} in the stage directory"
             )
-
-
-def read_bad_pairs(directory: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """Every bad pair recorded under ``directory``, once per stream position, in position order."""
-    found: dict[int, dict[str, Any]] = {}
-    for path in sorted(Path(directory).glob(BAD_PAIRS_GLOB)):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # torn by a kill
-            found.setdefault(record["position"], record)
-    return sorted(found.items())
-
-
-def bad_pairs_summary(directory: str | Path, pairs_trained: int, pairs_indexed: int) -> dict[str, Any]:
-    """What the stage records: distinct bad pairs by reason (and how often training met them), a few examples."""
-    records = [record for position, record in read_bad_pairs(directory) if position < pairs_trained]
-    distinct: dict[tuple[int, int], str] = {}
-    for record in records:
-        distinct.setdefault((record["unit"], record["ordinal"]), record["reason"])
-    reasons: dict[str, int] = {}
-    for reason in distinct.values():
-        reasons[reason] = reasons.get(reason, 0) + 1
-    return {"pairs": len(distinct), "fraction": round(len(distinct) / max(1, pairs_indexed), 6),
-            "met": len(records), "by_reason": dict(sorted(reasons.items())),
-            "examples": [{key: value for key, value in record.items() if key != "step"} for record in records[:5]]}
 
 
 def train_loop_per_worker(spec_dict: dict) -> None:
@@ -280,8 +254,10 @@ def train_loop_per_worker(spec_dict: dict) -> None:
     from capfilt.data.text import load_tokenizer
     from capfilt.models.med import alpha_at
     from capfilt.training.optim import lr_at, make_optimizer
+    from capfilt.training.store import fetch, upload_checkpoint
 
-    tokenizer = load_tokenizer(spec.tokenizer_dir)
+    records = ray.get_actor(spec.records)
+    tokenizer = load_tokenizer(fetch(spec.tokenizer_dir, spec.storage_options))
 
     med = _build_med(spec, config, tokenizer)
     med_config = effective_med_config(med.config, config)
@@ -293,12 +269,12 @@ def train_loop_per_worker(spec_dict: dict) -> None:
     )
     optimizer = make_optimizer(med, config)
     if spec.resume:
-        optimizer.load_state_dict(ckpt.load_optimizer_state(spec.resume, device))
+        optimizer.load_state_dict(ckpt.load_optimizer_state(fetch(spec.resume, spec.storage_options), device))
     autocast = autocast_for(device, config.mixed_precision)
     prompt_length = prompt_length_of(tokenizer, config.prompt)
 
-    bad = BadPairs(spec, config, rank)
-    samples_path = str(Path(spec.log_path).parent / SAMPLES_GLOB.replace("*", str(rank)))
+    bad = BadPairs(spec, config, rank, records)
+    samples = rank_file(SAMPLES_GLOB, rank)
     meter = _Meter(spec.start_step)
     last_metrics: dict[str, Any] = {}
     med.train()
@@ -310,8 +286,8 @@ def train_loop_per_worker(spec_dict: dict) -> None:
             bad.add(batch["bad"], step)
             micro.append(model_inputs(batch, device))
             if config.record_samples:
-                _append(samples_path, {"step": step, "rank": rank, "attempt": spec.attempt,
-                                       "positions": batch["position"].tolist()})
+                ray.get(records.append.remote(samples, [{"step": step, "rank": rank, "attempt": spec.attempt,
+                                                         "positions": batch["position"].tolist()}], spec.attempt))
         lr, alpha = lr_at(step, config), alpha_at(step, med_config)
         losses = train_step(model, optimizer, micro, lr=lr, alpha=alpha, objectives=objectives,
                             prompt_length=prompt_length, autocast=autocast)
@@ -320,8 +296,7 @@ def train_loop_per_worker(spec_dict: dict) -> None:
         if done % config.log_every == 0 or done == config.steps:
             metrics = meter.summary(done, config.steps, lr, alpha)
             if rank == 0:
-                _check_current(spec)
-                _append(spec.log_path, metrics)
+                ray.get(records.append.remote(LOG_FILE, [metrics], spec.attempt))
             last_metrics = metrics
         # Only checkpoints go through ray.train.report: the controller takes one report per poll
         # (about 2 s), so reporting every log step would throttle training to that pace.
@@ -329,13 +304,17 @@ def train_loop_per_worker(spec_dict: dict) -> None:
             with tempfile.TemporaryDirectory() as directory:
                 checkpoint = None
                 if rank == 0:
-                    _check_current(spec)
                     ckpt.write(directory, med, optimizer, done, {"fingerprint": spec.fingerprint})
-                    checkpoint = ray.train.Checkpoint.from_directory(directory)
+                    if spec.upload_checkpoints:
+                        ray.get(records.check_current.remote(spec.attempt))
+                        upload_checkpoint(directory, done, spec.upload_checkpoints, config.keep_checkpoints,
+                                          spec.storage_options)
+                    else:
+                        checkpoint = ray.train.Checkpoint.from_directory(directory)
                 ray.train.report({**last_metrics, "step": done}, checkpoint=checkpoint,
                                  checkpoint_dir_name=ckpt.checkpoint_name(done))
             if rank == 0:
-                _append(spec.log_path, {"event": "checkpoint", "step": done})
+                ray.get(records.checkpointed.remote(done, spec.attempt))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -356,6 +335,8 @@ class TrainJob:
     init_med: str | None = None  # fine-tuning / continued pretraining: this MED directory
     fingerprint: str = ""
     name: str = "train"  # prefix of progress lines
+    remote_url: str | None = None  # the stage's URL when it lives on object storage (see the module docstring)
+    storage_options: dict | None = None
 
 
 def med_config_of(model_dir: str) -> MedConfig:
@@ -372,8 +353,12 @@ def check_job(job: TrainJob, cluster: dict[str, float]) -> tuple[MedConfig, bool
     config = job.config
     if (job.model is None) == (job.init_med is None):
         raise ValueError("a training job starts from exactly one of a model config (fresh) or init_med")
-    med_config = with_image_size(job.model if job.model is not None else med_config_of(job.init_med),
-                                 config.image_size)
+    if job.model is None:
+        from capfilt.training.store import fetch
+
+        med_config = with_image_size(med_config_of(fetch(job.init_med, job.storage_options)), config.image_size)
+    else:
+        med_config = with_image_size(job.model, config.image_size)
     if config.max_text_length > med_config.text.max_position_embeddings:
         raise ValueError(f"max_text_length {config.max_text_length} exceeds the model's "
                          f"max_position_embeddings {med_config.text.max_position_embeddings}")
@@ -394,37 +379,6 @@ def check_job(job: TrainJob, cluster: dict[str, float]) -> tuple[MedConfig, bool
     return med_config, use_gpu
 
 
-def _rewind_log(path: str, step: int) -> None:
-    """Keep the records up to ``step`` (a resumed run re-logs the rest); drop a line torn by a kill."""
-    if not os.path.exists(path):
-        return
-    kept = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("step", 0) <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.writelines(kept)
-    os.replace(temporary, path)
-
-
-def read_log(path: str) -> list[dict]:
-    records = []
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
-    return records
-
-
 def format_record(name: str, record: dict, total: int) -> str:
     losses = " ".join(f"{key[5:]} {record[key]:.4f}" for key in LOSS_NAMES[1:] if key in record)
     eta = record.get("eta_s")
@@ -433,9 +387,8 @@ def format_record(name: str, record: dict, total: int) -> str:
             f"lr {record['lr']:.2e} {record.get('steps_per_s', 0):.2f} steps/s eta {eta_text}")
 
 
-def _fit_following(trainer, log_path: str, offset: int, name: str, total: int, log: Callable[[str], None],
-                   on_poll: Callable[[], Any] | None = None):
-    """``trainer.fit()`` in a thread while new log records are passed to ``log`` (and ``on_poll`` called)."""
+def _fit_following(trainer, log_path: str, offset: int, name: str, total: int, log: Callable[[str], None]):
+    """``trainer.fit()`` in a thread while new log records are passed to ``log``."""
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -449,8 +402,6 @@ def _fit_following(trainer, log_path: str, offset: int, name: str, total: int, l
     while True:
         thread.join(timeout=0.5)
         offset = _emit_new(log_path, offset, name, total, log)
-        if on_poll is not None:
-            on_poll()
         if not thread.is_alive():
             break
     if "error" in outcome:
@@ -494,8 +445,20 @@ def lost_workers(error: BaseException) -> str | None:
     return type(error).__name__ if isinstance(error, dead) else None
 
 
+def latest_checkpoint(job: TrainJob) -> tuple[int, str] | None:
+    """The newest complete checkpoint of the job as (step, path or URL): in the stage's URL when the stage
+    is on object storage (rank 0 uploads them there), else under its local ``checkpoints/``."""
+    if job.remote_url:
+        from capfilt.training.store import remote_checkpoints
+
+        found = remote_checkpoints(job.remote_url, job.storage_options)
+    else:
+        found = [(step, str(path)) for step, path in ckpt.checkpoints(Path(job.out_dir).resolve() / CHECKPOINTS_DIR)]
+    return found[-1] if found else None
+
+
 def _run_attempt(job: TrainJob, med_config: MedConfig, use_gpu: bool, root: Path, log_path: str,
-                 found: tuple[int, Path] | None, log: Callable[[str], None], on_poll) -> None:
+                 found: tuple[int, str] | None, log: Callable[[str], None]) -> None:
     """One Ray Train run from the checkpoint ``found`` (or from the start) to the last step."""
     import ray
     import ray.train
@@ -505,33 +468,42 @@ def _run_attempt(job: TrainJob, med_config: MedConfig, use_gpu: bool, root: Path
 
     config = job.config
     start_step = found[0] if found else 0
-    attempt = ckpt.next_attempt(root)
+    # Attempt names stay unique across machines: a run resumed elsewhere pulled the log naming earlier ones.
+    attempt = ckpt.next_attempt(root, [record["attempt"] for record in read_log(log_path)
+                                       if record.get("event") == "start"])
     ckpt.set_current_attempt(root, attempt)  # from now on an earlier run's workers stop writing
-    ckpt.prune(root, keep=found[1] if found else None)
-    _rewind_log(log_path, start_step)
+    ckpt.prune(root, keep=Path(found[1]) if found and not job.remote_url else None)
+    rewind_log(log_path, start_step)
     offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
-    _append(log_path, {"event": "start", "step": start_step, "attempt": attempt, "time": time.time(),
-                       "resumed_from": str(found[1]) if found else None})
+    append_records(log_path, [{"event": "start", "step": start_step, "attempt": attempt, "time": time.time(),
+                               "resumed_from": found[1] if found else None}])
+    where = f"{job.remote_url.rstrip('/')}/{CHECKPOINTS_DIR}" if job.remote_url else root / attempt
     log(f"[{job.name}] {'resuming from step ' + str(start_step) if found else 'starting'}: "
         f"{config.steps} steps of {config.batch_size} pairs on {config.workers} worker(s)"
-        f"{' with GPUs' if use_gpu else ''}; checkpoints in {root / attempt}")
+        f"{' with GPUs' if use_gpu else ''}; checkpoints in {where}")
 
     udf_kwargs = {"tokenizer_dir": str(job.tokenizer_dir), "image_size": med_config.vision.image_size,
                   "image_config_json": config.image.model_dump_json(), "max_text_length": config.max_text_length,
-                  "prompt": config.prompt, "seed": config.seed}
-    cache_name = f"capfilt-units-{job.fingerprint[:12] or 'train'}-{attempt}-{os.getpid()}"
-    cache = ray.remote(UnitCache).options(name=cache_name, num_cpus=0, max_concurrency=config.workers + 2).remote(
+                  "prompt": config.prompt, "seed": config.seed,
+                  "storage_options_json": json.dumps(job.storage_options or {}, sort_keys=True)}
+    actor_names = f"{job.fingerprint[:12] or 'train'}-{attempt}-{os.getpid()}"
+    cache = ray.remote(UnitCache).options(name=f"capfilt-units-{actor_names}", num_cpus=0,
+                                          max_concurrency=config.workers + 2).remote(
         [source.model_dump_json() for source in job.sources], job.units, config.seed,
         config.shuffle_shards, config.workers)
+    records = start_run_records(f"capfilt-records-{actor_names}", Path(log_path).parent, root, job.remote_url,
+                                job.storage_options)
     spec = WorkerSpec(
         # The workers read a TrainConfig: a subclass's own fields (a fine-tune's ensemble size) stay here.
         config=config.model_dump(mode="json", include=set(TrainConfig.model_fields)),
-        tokenizer_dir=str(job.tokenizer_dir), log_path=log_path,
-        start_step=start_step, checkpoints=str(root), attempt=attempt,
+        tokenizer_dir=str(job.tokenizer_dir), records=f"capfilt-records-{actor_names}",
+        start_step=start_step, attempt=attempt,
         model=job.model.model_dump(mode="json") if job.model is not None else None, init_med=job.init_med,
-        resume=str(found[1]) if found else None, fingerprint=job.fingerprint, data=udf_kwargs,
+        resume=found[1] if found else None, fingerprint=job.fingerprint, data=udf_kwargs,
         stream={"unit_pairs": [unit["pairs"] for unit in job.units],
-                "unit_groups": [unit["source"] for unit in job.units], "cache": cache_name},
+                "unit_groups": [unit["source"] for unit in job.units], "cache": f"capfilt-units-{actor_names}"},
+        upload_checkpoints=job.remote_url,
+        storage_options=job.storage_options,
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -541,6 +513,7 @@ def _run_attempt(job: TrainJob, med_config: MedConfig, use_gpu: bool, root: Path
                                                resources_per_worker={"CPU": config.cpus_per_worker},
                                                placement_strategy=config.placement_strategy),
         run_config=ray.train.RunConfig(
+            # Ray Train's own run state; the checkpoints too unless rank 0 uploads them (remote stages).
             name=attempt, storage_path=str(root),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
             # Restarts are the driver's (train): each resumes from the checkpoint it chooses, as a new attempt.
@@ -548,15 +521,15 @@ def _run_attempt(job: TrainJob, med_config: MedConfig, use_gpu: bool, root: Path
         ),
     )
     try:
-        _fit_following(trainer, log_path, offset, job.name, config.steps, log, on_poll)
+        _fit_following(trainer, log_path, offset, job.name, config.steps, log)
     finally:
         ray.kill(cache)
+        ray.kill(records)
 
 
-def train(job: TrainJob, log: Callable[[str], None] = print, on_poll: Callable[[], Any] | None = None) -> dict[str, Any]:
+def train(job: TrainJob, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume, or find finished) the training job; returns the final checkpoint and what ran.
 
-    ``on_poll`` is called about twice a second while training runs (the stage uploads new checkpoints).
     A worker, decoding task or node lost mid-run (``lost_workers``) restarts the run from its last
     checkpoint, up to ``max_restarts`` times: the data of each step is fixed by (seed, step), so the
     restarted run trains the same samples in the same steps."""
@@ -569,18 +542,18 @@ def train(job: TrainJob, log: Callable[[str], None] = print, on_poll: Callable[[
     root = Path(job.out_dir).resolve() / CHECKPOINTS_DIR
     log_path = str(Path(job.out_dir).resolve() / LOG_FILE)
 
-    found = ckpt.latest(root)
+    found = latest_checkpoint(job)
     start_step = found[0] if found else 0
     if start_step > config.steps:
-        raise ValueError(f"{root}: holds a checkpoint of step {start_step}, beyond steps {config.steps}")
+        raise ValueError(f"{found[1]}: a checkpoint of step {start_step}, beyond steps {config.steps}")
     started = time.time()
     restarts = 0
     while True:
-        found = ckpt.latest(root)
+        found = latest_checkpoint(job)
         if found is not None and found[0] >= config.steps:
             break
         try:
-            _run_attempt(job, med_config, use_gpu, root, log_path, found, log, on_poll)
+            _run_attempt(job, med_config, use_gpu, root, log_path, found, log)
             break
         except Exception as error:  # noqa: BLE001 -- re-raised unless a worker or its node was lost
             lost = lost_workers(error)
@@ -589,10 +562,11 @@ def train(job: TrainJob, log: Callable[[str], None] = print, on_poll: Callable[[
             restarts += 1
             log(f"[{job.name}] lost {lost}; restarting from the last checkpoint "
                 f"(restart {restarts} of at most {config.max_restarts})")
-    final = ckpt.latest(root)
+    final = latest_checkpoint(job)
     if final is None or final[0] != config.steps:
-        raise RuntimeError(f"{root}: training ended without a checkpoint of step {config.steps} (found {final})")
-    return {"checkpoint": str(final[1]), "steps": config.steps, "start_step": start_step,
+        raise RuntimeError(f"{job.remote_url or root}: training ended without a checkpoint of step {config.steps} "
+                           f"(found {final})")
+    return {"checkpoint": final[1], "steps": config.steps, "start_step": start_step,
             "seconds": round(time.time() - started, 1), "log": log_path, "restarts": restarts,
             "bad_pairs": bad_pairs_summary(Path(job.out_dir).resolve(), config.steps * config.batch_size,
                                            sum(unit["pairs"] for unit in job.units))}

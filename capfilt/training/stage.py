@@ -8,7 +8,7 @@ Stage directory::
                              was loaded and what stayed fresh), when the stage starts from them
     OUT/_pairs_index.json    pairs per unit of the sources (capfilt.data.pairs.index_pairs); the pairs
                              themselves are read from the sources while training
-    OUT/checkpoints/         Ray Train checkpoints while training (removed once the result is recorded)
+    OUT/checkpoints/         checkpoints while training (removed once the result is recorded)
     OUT/train_log.jsonl      one record per log_every steps, plus start/checkpoint events
     OUT/bad_pairs.rank*.jsonl  pairs met in training that could not be used (summed in the result)
     OUT/med/                 the final MED (save_med) with its tokenizer (and the exported models)
@@ -132,25 +132,29 @@ def run_training_stage(
     """Train one MED into ``out_dir`` (see the module docstring); ``export(med, tokenizer, out_dir)``
     adds its model directories to the result.
 
-    ``out_dir`` may be a URL (``s3://``, ``gs://``: fsspec with ``storage_options``): training then
-    works in a local mirror and the URL receives the checkpoints as they are made, and the MED, the
-    exported models and the result at the end (:mod:`capfilt.training.store`); a run killed on one
-    machine resumes from the URL on another. The returned paths are the mirror's, loadable as they are.
+    ``out_dir`` may be a URL (``s3://``, ``gs://``: fsspec with ``storage_options``): the driver then
+    works in a local mirror, rank 0 uploads the checkpoints to the URL as they are made, and the MED, the
+    exported models and the result follow at the end (:mod:`capfilt.training.store`); a run killed on
+    one machine resumes from the URL on another, and its workers need no filesystem shared with the
+    driver. ``tokenizer_dir`` and ``init_med`` may be URLs too (the workers fetch them). The returned
+    paths are the mirror's, loadable as they are.
     """
     from capfilt.data.output import CommittedOutput, config_hash
     from capfilt.data.pairs import PAIRS_INDEX, index_pairs
     from capfilt.data.text import load_tokenizer
     from capfilt.models.med import load_med, save_med
     from capfilt.training import checkpoint as ckpt
-    from capfilt.training.loop import BAD_PAIRS_GLOB, CHECKPOINTS_DIR, LOG_FILE, TrainJob
+    from capfilt.training.loop import CHECKPOINTS_DIR, TrainJob
     from capfilt.training.loop import train as run_train
-    from capfilt.training.store import StageStore
+    from capfilt.training.records import BAD_PAIRS_GLOB, LOG_FILE
+    from capfilt.training.store import StageStore, fetch
 
     if not sources:
         raise ValueError(f"{stage}: no pair sources given")
     store = StageStore(str(out_dir), storage_options)
     out = store.local
-    inputs = fingerprint(stage, train, sources, tokenizer_dir, model, init_med)
+    tokenizer_url, tokenizer_dir = tokenizer_dir, fetch(tokenizer_dir, storage_options)
+    inputs = fingerprint(stage, train, sources, tokenizer_dir, model, init_med and fetch(init_med, storage_options))
     # Refuses a directory trained with other inputs.
     CommittedOutput(store.out_dir if store.remote else str(out), storage_options).claim(inputs)
     record = store.read_json(RESULT_FILE)
@@ -167,7 +171,7 @@ def run_training_stage(
     init_report = None
     if init_med is None and model is not None and model.init.is_set():
         init_med, init_report = materialise_init(model, tokenizer_dir, train.seed, out)
-        store.push(INIT_DIR)
+        init_med = store.push(INIT_DIR)  # its URL when remote: the workers fetch it from there
         model = None
         log(f"[{stage}] starting from {init_report['log_line']}")
     import ray
@@ -183,14 +187,15 @@ def run_training_stage(
     unreadable = [unit["error"] for unit in index["units"] if "error" in unit]
     if unreadable:
         log(f"[{stage}] warning: {len(unreadable)} shard(s) could not be read and are left out: {unreadable[0]}")
-    job = TrainJob(config=train, out_dir=str(out), tokenizer_dir=str(tokenizer_dir), sources=list(sources),
+    job = TrainJob(config=train, out_dir=str(out), tokenizer_dir=str(tokenizer_url), sources=list(sources),
                    units=[unit for unit in index["units"] if unit["pairs"]],
                    model=model if init_med is None else None, init_med=init_med,
-                   fingerprint=config_hash(inputs), name=stage)
-    trained = run_train(job, log, on_poll=lambda: store.push_checkpoint((LOG_FILE, BAD_PAIRS_GLOB)))
+                   fingerprint=config_hash(inputs), name=stage,
+                   remote_url=store.out_dir if store.remote else None, storage_options=storage_options)
+    trained = run_train(job, log)
 
     tokenizer = load_tokenizer(tokenizer_dir)
-    med = load_med(trained["checkpoint"])
+    med = load_med(fetch(trained["checkpoint"], storage_options))
     save_med(med, out / MED_DIR, tokenizer)
     outputs = {"med": MED_DIR}
     if export is not None:

@@ -6,11 +6,13 @@ mirror (``$CAPFILT_SCRATCH_DIR``, default ``<tmp>/capfilt-scratch``, one folder 
 :class:`StageStore` keeps the URL up to date with what a resumed run needs:
 
 * before training: the claim (``_capfilt.json``, written straight to the URL), then whatever the URL
-  already holds is pulled into an empty mirror (the pairs index, the initial MED, the log, the bad
-  pairs and the newest complete checkpoint), so a run killed on one machine resumes on another;
-* while training: each new complete checkpoint is uploaded file by file, ``state.json`` last (so a
-  torn upload is told from a whole one exactly as a torn local copy is), with the log and bad-pair
-  records up to it; older uploaded checkpoints are deleted once a newer one is whole;
+  already holds is pulled into an empty mirror (the pairs index, the initial MED, the log and the bad
+  pairs), so a run killed on one machine resumes on another;
+* while training: rank 0, wherever it runs, uploads each checkpoint to ``<url>/checkpoints/step_N``
+  itself (:func:`upload_checkpoint`: file by file, ``state.json`` last, so a torn upload is told from
+  a whole one exactly as a torn local copy is; older ones are deleted once a newer one is whole), and
+  the log and bad-pair records follow it (:mod:`capfilt.training.records`); a resumed run's workers
+  read the newest whole one (:func:`remote_checkpoints`) from the URL;
 * at the end: the MED and exported models, then ``_RESULT.json`` last, then the checkpoints go.
 
 A local stage directory is its own mirror: every method is then a no-op.
@@ -51,7 +53,6 @@ class StageStore:
         self.local.mkdir(parents=True, exist_ok=True)
         if self.remote:
             self.fs, self.root = fsspec.core.url_to_fs(self.out_dir, **(storage_options or {}))
-        self._pushed_step = -1
 
     def url(self, *parts: str) -> str:
         return "/".join([self.out_dir, *parts])
@@ -72,32 +73,10 @@ class StageStore:
         except FileNotFoundError:
             return None
 
-    def remote_checkpoints(self) -> list[tuple[int, str]]:
-        """Complete uploaded checkpoints as (step, remote path), oldest first."""
-        found = []
-        try:
-            entries = self.fs.ls(self._remote(REMOTE_CHECKPOINTS), detail=False)
-        except FileNotFoundError:
-            return []
-        for entry in entries:
-            name = entry.rstrip("/").rsplit("/", 1)[-1]
-            if not name.startswith("step_"):
-                continue
-            try:
-                with self.fs.open(f"{entry}/{ckpt.STATE_FILE}", "rb") as handle:
-                    state = json.loads(handle.read())
-                sizes = {info["name"].rsplit("/", 1)[-1]: info["size"] for info in self.fs.ls(entry, detail=True)}
-            except (FileNotFoundError, ValueError):
-                continue
-            if all(sizes.get(file) == size for file, size in state["files"].items()):
-                found.append((int(state["step"]), entry))
-        return sorted(found)
-
     # -- before training ---------------------------------------------------------------------------
 
     def pull(self, names: tuple[str, ...], directories: tuple[str, ...]) -> None:
-        """Bring into an empty mirror the URL's ``names`` (files) and ``directories``, and its newest
-        complete checkpoint when the mirror has none as new."""
+        """Bring into the mirror the URL's ``names`` (files or globs) and ``directories`` it lacks."""
         if not self.remote:
             return
         for pattern in names:  # file names, or globs (bad_pairs.rank*.jsonl)
@@ -111,39 +90,6 @@ class StageStore:
                 temporary = self.local / f".{name}.pulling"
                 self.fs.get(self._remote(name), str(temporary), recursive=True)
                 os.replace(temporary, target)
-        uploaded = self.remote_checkpoints()
-        local = ckpt.latest(self.local / REMOTE_CHECKPOINTS)
-        if uploaded and (local is None or local[0] < uploaded[-1][0]):
-            step, path = uploaded[-1]
-            attempt = ckpt.next_attempt(self.local / REMOTE_CHECKPOINTS)  # a name no local attempt used
-            target = self.local / REMOTE_CHECKPOINTS / attempt / ckpt.checkpoint_name(step)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self.fs.get(path, str(target), recursive=True)
-            self._pushed_step = step
-
-    # -- while training ----------------------------------------------------------------------------
-
-    def push_checkpoint(self, files: tuple[str, ...]) -> int | None:
-        """Upload the mirror's newest complete checkpoint if it is newer than the last one uploaded,
-        with ``files`` (log, bad pairs) as they are now; returns its step."""
-        if not self.remote:
-            return None
-        found = ckpt.latest(self.local / REMOTE_CHECKPOINTS)
-        if found is None or found[0] <= self._pushed_step:
-            return None
-        step, directory = found
-        for name in files:
-            for path in sorted(self.local.glob(name)):
-                self.fs.put(str(path), self._remote(path.name))
-        target = self._remote(REMOTE_CHECKPOINTS, ckpt.checkpoint_name(step))
-        names = sorted(path.name for path in Path(directory).iterdir() if path.name != ckpt.STATE_FILE)
-        for name in [*names, ckpt.STATE_FILE]:  # state.json last: what makes the upload whole
-            self.fs.put(str(Path(directory) / name), f"{target}/{name}")
-        for older, path in self.remote_checkpoints():
-            if older < step:
-                self.fs.rm(path, recursive=True)
-        self._pushed_step = step
-        return step
 
     # -- at the end --------------------------------------------------------------------------------
 
@@ -165,6 +111,50 @@ class StageStore:
             self.fs.rm(self._remote(REMOTE_CHECKPOINTS), recursive=True)
 
 
+# -- checkpoints at a URL --------------------------------------------------------------------------
+
+
+def remote_checkpoints(url: str, storage_options: dict[str, Any] | None = None) -> list[tuple[int, str]]:
+    """The whole checkpoints under ``<url>/checkpoints`` as (step, URL), oldest first."""
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    fs.invalidate_cache()  # fsspec keeps filesystems, and their listings, per options: others upload here
+    protocol = url.split("://", 1)[0]
+    found = []
+    try:
+        entries = fs.ls(f"{root.rstrip('/')}/{REMOTE_CHECKPOINTS}", detail=False)
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if not name.startswith("step_"):
+            continue
+        try:
+            with fs.open(f"{entry}/{ckpt.STATE_FILE}", "rb") as handle:
+                state = json.loads(handle.read())
+            sizes = {info["name"].rsplit("/", 1)[-1]: info["size"] for info in fs.ls(entry, detail=True)}
+        except (FileNotFoundError, ValueError):
+            continue
+        if all(sizes.get(file) == size for file, size in state["files"].items()):
+            found.append((int(state["step"]), f"{protocol}://{entry.rstrip('/')}"))
+    return sorted(found)
+
+
+def upload_checkpoint(directory: str | Path, step: int, stage_url: str, keep: int | None,
+                      storage_options: dict[str, Any] | None = None) -> str:
+    """Upload the checkpoint in ``directory`` to ``<stage_url>/checkpoints/step_N`` (``state.json`` last:
+    what makes the upload whole), then delete all but the newest ``keep`` whole ones; returns its URL."""
+    fs, root = fsspec.core.url_to_fs(stage_url, **(storage_options or {}))
+    name = ckpt.checkpoint_name(step)
+    target = f"{root.rstrip('/')}/{REMOTE_CHECKPOINTS}/{name}"
+    files = sorted(path.name for path in Path(directory).iterdir() if path.name != ckpt.STATE_FILE)
+    for file in [*files, ckpt.STATE_FILE]:
+        fs.put(str(Path(directory) / file), f"{target}/{file}")
+    whole = remote_checkpoints(stage_url, storage_options)
+    for _, older in whole[:-keep] if keep else []:
+        fs.rm(fsspec.core.url_to_fs(older, **(storage_options or {}))[1], recursive=True)
+    return f"{stage_url.rstrip('/')}/{REMOTE_CHECKPOINTS}/{name}"
+
+
 # -- another stage's outputs, wherever they live ------------------------------------------------------
 
 
@@ -181,6 +171,7 @@ def fetch(url: str, storage_options: dict[str, Any] | None = None) -> str:
     import shutil
 
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    fs.invalidate_cache()  # a listing cached by this process would hide a change made elsewhere
     root = root.rstrip("/")
     if fs.isdir(root):
         listing = fs.find(root, detail=True)

@@ -21,6 +21,11 @@ or descended from it (job drivers); never ``ray stop``, which stops every Ray on
 
 The head has one CPU (it runs the job's driver); each worker node has two, so CapFilt's actors and
 read tasks spread over both nodes while ``reserve_cpus_for_reading`` keeps a CPU for reads.
+
+Separate machines share no filesystem. The pretraining test gives its worker nodes one of their own:
+each runs in a mount namespace (``unshare --mount``) where an empty tmpfs covers the test's directory,
+which holds the driver's files, so whatever a training worker needs must reach it through the S3
+server or through Ray, as on a cluster of real machines.
 """
 
 from __future__ import annotations
@@ -134,16 +139,24 @@ class Cluster:
             f"--max-worker-port={first + WORKER_PORTS - 1}",
         ]
 
-    def _start(self, name: str, *args: str) -> subprocess.Popen:
+    def _start(self, name: str, *args: str, hide: Path | None = None) -> subprocess.Popen:
         log = open(Path(self.temp_dir) / f"{name}.log", "wb")
         self.log_files.append(log)
         # A temp dir per node (see the module docstring).
         node_dir = Path(self.temp_dir) / name
+        command = [RAY, "start", "--block", "--disable-usage-stats", f"--temp-dir={node_dir}",
+                   "--object-store-memory=200000000", *self._node_ports(), *args]
+        if hide is not None:
+            # A machine that shares no filesystem with the others: the node runs in a mount namespace of
+            # its own where an empty tmpfs covers ``hide``; what it sees there is listed for the test.
+            seen = Path(self.temp_dir) / f"{name}.sees"
+            command = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                       'mount -t tmpfs capfilt-elsewhere "$1" && ls -A "$1" > "$2" && shift 2 && exec "$@"',
+                       "sh", str(hide), str(seen), *command]
         # --block keeps the node's processes in a process group of its own (start_new_session): killpg
         # takes exactly that node down.
         return subprocess.Popen(
-            [RAY, "start", "--block", "--disable-usage-stats", f"--temp-dir={node_dir}",
-             "--object-store-memory=200000000", *self._node_ports(), *args],
+            command,
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             env=self.env, cwd=self.temp_dir,
         )
@@ -156,10 +169,11 @@ class Cluster:
         )
         self.wait_for(lambda: HEAD_IP in self.alive_nodes(), "the head node and its dashboard", 300, self.head)
 
-    def add_worker(self, num_cpus: int = 2) -> str:
+    def add_worker(self, num_cpus: int = 2, hide: Path | None = None) -> str:
+        """A worker node; with ``hide``, one that does not see that directory of this machine (below)."""
         ip = f"127.0.0.{3 + len(self.workers)}"
         self.workers[ip] = self._start(f"w{len(self.workers) + 1}", f"--address={self.address}",
-                                       f"--node-ip-address={ip}", f"--num-cpus={num_cpus}")
+                                       f"--node-ip-address={ip}", f"--num-cpus={num_cpus}", hide=hide)
         self.wait_for(lambda: ip in self.alive_nodes(), f"worker node {ip}", 300, self.workers[ip])
         return ip
 
@@ -232,11 +246,12 @@ class Cluster:
 
     # -- jobs --------------------------------------------------------------------------------
 
-    def submit(self, working_dir: Path, *entrypoint: str) -> str:
+    def submit(self, working_dir: Path, *entrypoint: str, env_vars: dict[str, str] | None = None) -> str:
         """``ray job submit`` (the CLI); retried while the head's dashboard agent is not ready yet."""
         job_id = f"capfilt-{uuid.uuid4().hex[:10]}"
+        runtime_env = ["--runtime-env-json", json.dumps({"env_vars": env_vars})] if env_vars else []
         command = [RAY, "job", "submit", f"--address={self.http}", f"--submission-id={job_id}", "--no-wait",
-                   f"--working-dir={working_dir}", "--", *entrypoint]
+                   f"--working-dir={working_dir}", *runtime_env, "--", *entrypoint]
         deadline = time.time() + 300
         while True:
             try:
@@ -523,25 +538,26 @@ def _kill_a_worker_mid_job(cluster: Cluster, world, models, root: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# MED pretraining as a multi-node job
+# MED pretraining as a multi-node job on machines that share no filesystem
 # --------------------------------------------------------------------------------------------------
 
 TRAIN_STEPS, TRAIN_CHECKPOINT_EVERY, TRAIN_BATCH = 24, 6, 8
 
 
-def _train_job_dir(root: Path) -> Path:
+def _train_job_dir(root: Path, run_dir: str) -> Path:
     """A pipeline that generates a small world and pretrains on it with two workers on different nodes."""
     root.mkdir(parents=True)
     pipeline = {
         "name": "multinode-train",
-        "run_dir": str(root.parent / f"{root.name}-run"),
+        "run_dir": run_dir,
         "synth": {"seed": 2, "num_web": 48, "num_human": 16, "num_test": 4, "num_labelled": 0, "image_size": 32,
                   "rows_per_shard": 16},  # 4 units: fewer index tasks, each a new Ray worker process
         "tokenizer": {"vocab_size": 200},
         "model": {"preset": "tiny",
                   "vision": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "heads": 2, "mlp_dim": 128},
                   "text": {"width": 64, "layers": 1, "heads": 2, "mlp_dim": 128}, "embed_dim": 32, "queue_size": 0},
-        "pretrain": {"steps": TRAIN_STEPS, "batch_size": TRAIN_BATCH, "workers": 2, "cpus_per_worker": 1,
+        # 1.5 CPUs a worker: only the two-CPU worker nodes hold one (the head has one CPU), one each.
+        "pretrain": {"steps": TRAIN_STEPS, "batch_size": TRAIN_BATCH, "workers": 2, "cpus_per_worker": 1.5,
                      "data_cpus": 0.5, "checkpoint_every": TRAIN_CHECKPOINT_EVERY, "log_every": 1, "warmup_steps": 2,
                      "placement_strategy": "SPREAD", "record_samples": True, "shuffle_shards": 3},
     }
@@ -569,13 +585,34 @@ def _jsonl(path: Path) -> list[dict]:
     return records
 
 
+def _can_hide_directories() -> bool:
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "--", "true"], capture_output=True).returncode == 0
+
+
 @pytest.mark.timeout(1800)
-def test_pretraining_job_survives_losing_a_worker_node(cluster, tmp_path):
-    job_dir = _train_job_dir(tmp_path / "train-job")
-    stage = tmp_path / "train-job-run" / "pretrain_noisy"
-    if len([process for process in cluster.workers.values() if process.poll() is None]) < 2:
-        cluster.add_worker()  # a node for each training worker
-    job = cluster.submit(job_dir, *ENTRYPOINT)
+def test_pretraining_job_on_nodes_sharing_no_filesystem_survives_losing_one(cluster, tmp_path, s3_server,
+                                                                           monkeypatch):
+    """The run directory is on the S3 server; the training workers run on nodes that cannot see this
+    test's directory, where the driver keeps its mirror: checkpoints, inputs and records must all
+    travel through the bucket or through Ray."""
+    if not _can_hide_directories():
+        pytest.skip("needs mount namespaces (unshare --mount) to give a node a filesystem of its own")
+    from capfilt.training.store import SCRATCH_ENV, scratch_for
+
+    run_url = s3_server.url("runs/multinode-train")
+    scratch = tmp_path / "driver-scratch"  # the driver's mirror (the head node sees this machine's disk)
+    job_dir = _train_job_dir(tmp_path / "train-job", run_url)
+    monkeypatch.setenv(SCRATCH_ENV, str(scratch))
+    stage = scratch_for(f"{run_url}/pretrain_noisy")  # the stage's mirror, named as the driver names it
+    for ip in [ip for ip, process in cluster.workers.items() if process.poll() is None]:
+        cluster.kill_node(ip)  # the earlier tests' nodes see this machine's files
+    for _ in range(2):
+        cluster.add_worker(hide=tmp_path)
+    for seen in Path(cluster.temp_dir).glob("*.sees"):
+        assert seen.read_text() == "", f"{seen.name}: a hidden node sees {seen.read_text()!r}"
+    job = cluster.submit(job_dir, *ENTRYPOINT, env_vars={
+        "FSSPEC_S3": json.dumps(s3_server.storage_options), SCRATCH_ENV: str(scratch)})
 
     def wait_for_training(past_checkpoint: bool) -> list[int]:
         deadline, asked = time.time() + 900, 0.0
@@ -593,11 +630,12 @@ def test_pretraining_job_survives_losing_a_worker_node(cluster, tmp_path):
 
     wait_for_training(past_checkpoint=False)
     trainers = _trainer_nodes(cluster)  # asked early: the kill must land soon after the condition
-    assert len(trainers) == 2 and len(set(trainers)) == 2, f"two workers on two nodes, got {trainers}"
-    victim = next(ip for ip in trainers if ip in cluster.workers)
+    assert len(trainers) == 2 and len(set(trainers)) == 2 and set(trainers) <= set(cluster.workers), \
+        f"two workers on the two hidden nodes, got {trainers}"
+    victim = trainers[0]
     killed_at = max(wait_for_training(past_checkpoint=True))
     cluster.kill_node(victim)
-    cluster.add_worker()  # the lost machine is replaced, as an autoscaler would
+    cluster.add_worker(hide=tmp_path)  # the lost machine is replaced, as an autoscaler would
 
     info = cluster.wait_job(job, timeout=900)
     logs = cluster.logs(job)
@@ -607,10 +645,17 @@ def test_pretraining_job_survives_losing_a_worker_node(cluster, tmp_path):
     records = _jsonl(stage / "train_log.jsonl")
     starts = [r for r in records if r.get("event") == "start"]
     assert [s["step"] for s in starts][0] == 0 and len(starts) >= 2
-    resumed = starts[-1]["step"]
-    assert resumed % TRAIN_CHECKPOINT_EVERY == 0 and 0 < resumed <= killed_at
+    resumed = starts[-1]
+    assert resumed["step"] % TRAIN_CHECKPOINT_EVERY == 0 and 0 < resumed["step"] <= killed_at
+    assert resumed["resumed_from"] == f"{run_url}/pretrain_noisy/checkpoints/step_{resumed['step']:08d}"
     assert sorted(r["step"] for r in records if "loss" in r) == list(range(1, TRAIN_STEPS + 1))
-    assert (stage / "_RESULT.json").exists() and (stage / "med" / "med.safetensors").exists()
+    # The stage is complete in the bucket, its checkpoints gone; the driver's mirror never held one.
+    keys = {entry["Key"] for entry in s3_server.client.list_objects_v2(
+        Bucket=s3_server.bucket, Prefix="runs/multinode-train/pretrain_noisy/")["Contents"]}
+    prefix = "runs/multinode-train/pretrain_noisy/"
+    assert {f"{prefix}_RESULT.json", f"{prefix}med/med.safetensors", f"{prefix}train_log.jsonl"} <= keys
+    assert not any(key.startswith(f"{prefix}checkpoints/") for key in keys)
+    assert not list(stage.glob("checkpoints/*/step_*"))
 
     # Every step of the finished run trained each of its batch's stream positions exactly once over
     # the two ranks, and a step trained again after the restart took the same positions as before.
@@ -633,4 +678,5 @@ def test_pretraining_job_survives_losing_a_worker_node(cluster, tmp_path):
     # (A kill that lands right at a checkpoint leaves nothing to replay: coverage above is the proof then.)
     replayed = set(before) & set(after)
     assert all(before[key] == after[key] for key in replayed)
-    print(f"worker node {victim} killed at step {killed_at}; resumed from {resumed}; {len(replayed) // 2} steps replayed")
+    print(f"worker node {victim} killed at step {killed_at}; resumed from {resumed['step']}; "
+          f"{len(replayed) // 2} steps replayed")

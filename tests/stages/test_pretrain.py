@@ -15,7 +15,7 @@ import pytest
 from capfilt.config import ImageConfig, MedConfig, PairSource, ReaderConfig, TokenizerConfig, TrainConfig
 from capfilt.data.output import OutputConflictError
 from capfilt.stages.pretrain import prepare_tokenizer, run_pretrain
-from capfilt.training.loop import read_log
+from capfilt.training.records import read_log
 
 STEPS, CHECKPOINT_EVERY = 60, 20
 # The run killed twice (killed_twice): a checkpoint every 10 steps, so the resumed run makes one of its

@@ -1,16 +1,15 @@
-"""One optimiser step without Ray: gradient accumulation, and the training log's rewind."""
+"""One optimiser step without Ray: gradient accumulation, inputs, progress lines, impossible settings."""
 
 from __future__ import annotations
 
 import copy
-import json
 
 import numpy as np
 import pytest
 import torch
 
 from capfilt.config import TrainConfig
-from capfilt.training.loop import _rewind_log, format_record, model_inputs, prompt_length_of, read_log, train_step
+from capfilt.training.loop import format_record, model_inputs, prompt_length_of, train_step
 from capfilt.training.optim import make_optimizer
 from tests.training.conftest import small_med_config
 
@@ -57,12 +56,7 @@ def test_prompt_length_counts_the_mode_token_and_the_prompt(tokenizer):
     assert prompt_length_of(tokenizer, "a picture of ") == len(tokenizer("a picture of").input_ids) - 1
 
 
-def test_rewinding_the_log_keeps_records_up_to_the_resume_step(tmp_path):
-    path = tmp_path / "train_log.jsonl"
-    records = [{"event": "start", "step": 0}] + [{"step": s, "loss": 1.0 / s, "lr": 1e-4} for s in range(1, 8)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 8, "lo')  # torn by a kill
-    _rewind_log(str(path), 5)
-    assert [r["step"] for r in read_log(str(path))] == [0, 1, 2, 3, 4, 5]
+def test_a_log_record_becomes_one_progress_line():
     line = format_record("pretrain", {"step": 5, "loss": 0.2, "loss_itc": 0.1, "lr": 1e-4, "steps_per_s": 2.0,
                                       "eta_s": 75}, 10)
     assert line == "[pretrain] step 5/10 loss 0.2000 (itc 0.1000) lr 1.00e-04 2.00 steps/s eta 1m15s"
