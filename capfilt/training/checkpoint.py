@@ -24,9 +24,10 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+if TYPE_CHECKING:  # the records actor and the store read checkpoints' state without torch
+    import torch
 
 STATE_FILE = "state.json"
 CURRENT_FILE = "CURRENT"  # the attempt allowed to write; a superseded run's stray workers stop
@@ -41,6 +42,8 @@ def checkpoint_name(step: int) -> str:
 
 def write(directory: str | Path, med, optimizer: torch.optim.Optimizer, step: int, extra: dict | None = None) -> Path:
     """Fill ``directory`` with a checkpoint of ``step``; ``state.json`` comes last."""
+    import torch
+
     from capfilt.models.med import save_med
 
     directory = Path(directory)
@@ -73,6 +76,8 @@ def is_complete(directory: str | Path) -> bool:
 
 
 def load_optimizer_state(directory: str | Path, device: torch.device | str = "cpu") -> dict:
+    import torch
+
     return torch.load(Path(directory) / OPTIMIZER_FILE, map_location=device, weights_only=True)
 
 

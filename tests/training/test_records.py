@@ -4,6 +4,8 @@ refused from a superseded attempt, and uploaded with each checkpoint of a stage 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -60,3 +62,12 @@ def test_a_checkpoint_uploads_the_records_of_a_stage_on_object_storage(tmp_path,
 
     assert uploaded(LOG_FILE) == [{"step": 4, "loss": 0.5}, {"event": "checkpoint", "step": 4}]
     assert uploaded("bad_pairs.rank0.jsonl")[0]["position"] == 3
+
+
+def test_the_records_actor_starts_without_torch():
+    # It is one more Ray worker process per training run: torch would add seconds of imports to it.
+    code = ("import sys, capfilt.training.records, capfilt.training.store\n"
+            "print(','.join(name for name in ('torch', 'transformers') if name in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
