@@ -22,10 +22,11 @@ or descended from it (job drivers); never ``ray stop``, which stops every Ray on
 The head has one CPU (it runs the job's driver); each worker node has two, so CapFilt's actors and
 read tasks spread over both nodes while ``reserve_cpus_for_reading`` keeps a CPU for reads.
 
-Separate machines share no filesystem. The pretraining test gives its worker nodes one of their own:
-each runs in a mount namespace (``unshare --mount``) where an empty tmpfs covers the test's directory,
-which holds the driver's files, so whatever a training worker needs must reach it through the S3
-server or through Ray, as on a cluster of real machines.
+Separate machines share no filesystem. Worker nodes get one of their own where they can: each runs in a
+mount namespace (``unshare --mount``) where an empty tmpfs covers ``Cluster.driver_only``, the
+directory where the pretraining test's driver keeps its files, so whatever a training worker needs must
+reach it through the S3 server or through Ray, as on a cluster of real machines. (The CapFilt tests'
+inputs lie elsewhere, visible to every node.)
 """
 
 from __future__ import annotations
@@ -100,6 +101,11 @@ class _Ports:
 # --------------------------------------------------------------------------------------------------
 
 
+def _can_hide_directories() -> bool:
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "--", "true"], capture_output=True).returncode == 0
+
+
 class Cluster:
     def __init__(self):
         # Short: Ray's Unix socket paths live under it (at most 107 characters).
@@ -120,6 +126,9 @@ class Cluster:
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "5",  # teardown: a node drains for 30 s by default
         }
         self.env.pop("RAY_ADDRESS", None)
+        # This machine's own files, as the head sees them: worker nodes run where they are hidden (below).
+        self.driver_only = Path(tempfile.mkdtemp(prefix="rmn-driver-", dir="/tmp"))
+        self.hides = _can_hide_directories()
         self.head: subprocess.Popen | None = None
         self.workers: dict[str, subprocess.Popen] = {}  # node IP -> its `ray start --block`
         self.log_files: list = []
@@ -169,11 +178,12 @@ class Cluster:
         )
         self.wait_for(lambda: HEAD_IP in self.alive_nodes(), "the head node and its dashboard", 300, self.head)
 
-    def add_worker(self, num_cpus: int = 2, hide: Path | None = None) -> str:
-        """A worker node; with ``hide``, one that does not see that directory of this machine (below)."""
+    def add_worker(self, num_cpus: int = 2) -> str:
+        """A worker node, which does not see ``driver_only`` where mount namespaces allow (``hides``)."""
         ip = f"127.0.0.{3 + len(self.workers)}"
         self.workers[ip] = self._start(f"w{len(self.workers) + 1}", f"--address={self.address}",
-                                       f"--node-ip-address={ip}", f"--num-cpus={num_cpus}", hide=hide)
+                                       f"--node-ip-address={ip}", f"--num-cpus={num_cpus}",
+                                       hide=self.driver_only if self.hides else None)
         self.wait_for(lambda: ip in self.alive_nodes(), f"worker node {ip}", 300, self.workers[ip])
         return ip
 
@@ -356,6 +366,7 @@ def cluster():
     finally:
         cluster.stop()
         shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+        shutil.rmtree(cluster.driver_only, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -497,6 +508,7 @@ def test_killing_a_worker_node_mid_job_loses_and_duplicates_nothing(cluster, lar
     finally:
         fresh.stop()
         shutil.rmtree(fresh.temp_dir, ignore_errors=True)
+        shutil.rmtree(fresh.driver_only, ignore_errors=True)
 
 
 def _kill_a_worker_mid_job(cluster: Cluster, world, models, root: Path) -> None:
@@ -585,32 +597,23 @@ def _jsonl(path: Path) -> list[dict]:
     return records
 
 
-def _can_hide_directories() -> bool:
-    return shutil.which("unshare") is not None and subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "--", "true"], capture_output=True).returncode == 0
-
-
 @pytest.mark.timeout(1800)
 def test_pretraining_job_on_nodes_sharing_no_filesystem_survives_losing_one(cluster, tmp_path, s3_server,
                                                                            monkeypatch):
-    """The run directory is on the S3 server; the training workers run on nodes that cannot see this
-    test's directory, where the driver keeps its mirror: checkpoints, inputs and records must all
-    travel through the bucket or through Ray."""
-    if not _can_hide_directories():
+    """The run directory is on the S3 server; the training workers run on nodes that cannot see the
+    directory where the driver keeps its mirror: checkpoints, inputs and records must all travel
+    through the bucket or through Ray."""
+    if not cluster.hides:
         pytest.skip("needs mount namespaces (unshare --mount) to give a node a filesystem of its own")
     from capfilt.training.store import SCRATCH_ENV, scratch_for
 
     run_url = s3_server.url("runs/multinode-train")
-    scratch = tmp_path / "driver-scratch"  # the driver's mirror (the head node sees this machine's disk)
+    scratch = cluster.driver_only / f"scratch-{uuid.uuid4().hex[:8]}"  # the driver's (the head sees it)
     job_dir = _train_job_dir(tmp_path / "train-job", run_url)
     monkeypatch.setenv(SCRATCH_ENV, str(scratch))
     stage = scratch_for(f"{run_url}/pretrain_noisy")  # the stage's mirror, named as the driver names it
-    for ip in [ip for ip, process in cluster.workers.items() if process.poll() is None]:
-        cluster.kill_node(ip)  # the earlier tests' nodes see this machine's files
-    for _ in range(2):
-        cluster.add_worker(hide=tmp_path)
-    for seen in Path(cluster.temp_dir).glob("*.sees"):
-        assert seen.read_text() == "", f"{seen.name}: a hidden node sees {seen.read_text()!r}"
+    while len([process for process in cluster.workers.values() if process.poll() is None]) < 2:
+        cluster.add_worker()  # a node for each training worker
     job = cluster.submit(job_dir, *ENTRYPOINT, env_vars={
         "FSSPEC_S3": json.dumps(s3_server.storage_options), SCRATCH_ENV: str(scratch)})
 
@@ -635,7 +638,7 @@ def test_pretraining_job_on_nodes_sharing_no_filesystem_survives_losing_one(clus
     victim = trainers[0]
     killed_at = max(wait_for_training(past_checkpoint=True))
     cluster.kill_node(victim)
-    cluster.add_worker(hide=tmp_path)  # the lost machine is replaced, as an autoscaler would
+    cluster.add_worker()  # the lost machine is replaced, as an autoscaler would
 
     info = cluster.wait_job(job, timeout=900)
     logs = cluster.logs(job)
@@ -656,6 +659,10 @@ def test_pretraining_job_on_nodes_sharing_no_filesystem_survives_losing_one(clus
     assert {f"{prefix}_RESULT.json", f"{prefix}med/med.safetensors", f"{prefix}train_log.jsonl"} <= keys
     assert not any(key.startswith(f"{prefix}checkpoints/") for key in keys)
     assert not list(stage.glob("checkpoints/*/step_*"))
+    # Every worker node, the replacement too, saw nothing of the driver's directory, which is not empty.
+    seen = {path.name: path.read_text() for path in Path(cluster.temp_dir).glob("*.sees")}
+    assert len(seen) == len(cluster.workers) and set(seen.values()) == {""}, seen
+    assert (stage / "train_log.jsonl").exists()
 
     # Every step of the finished run trained each of its batch's stream positions exactly once over
     # the two ranks, and a step trained again after the restart took the same positions as before.
