@@ -147,7 +147,7 @@ def run_training_stage(
     from capfilt.training.loop import CHECKPOINTS_DIR, TrainJob
     from capfilt.training.loop import train as run_train
     from capfilt.training.records import BAD_PAIRS_GLOB, LOG_FILE
-    from capfilt.training.store import StageStore, fetch
+    from capfilt.training.store import StageStore, fetch, forget
 
     if not sources:
         raise ValueError(f"{stage}: no pair sources given")
@@ -196,6 +196,7 @@ def run_training_stage(
 
     tokenizer = load_tokenizer(tokenizer_dir)
     med = load_med(fetch(trained["checkpoint"], storage_options))
+    forget(trained["checkpoint"])  # a checkpoint's copy (weights and optimizer state) is not kept here
     save_med(med, out / MED_DIR, tokenizer)
     outputs = {"med": MED_DIR}
     if export is not None:

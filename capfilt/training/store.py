@@ -184,8 +184,7 @@ def fetch(url: str, storage_options: dict[str, Any] | None = None) -> str:
          str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or "")]
         for name, info in listing.items()
     )
-    mirror = scratch_for(url)
-    base = mirror.parent / "fetched" / mirror.name
+    base = _fetched_base(url)
     target, marker = base / root.rsplit("/", 1)[-1], base / "_fetched.json"
     if target.exists() and marker.exists() and json.loads(marker.read_text()) == signature:
         return str(target)
@@ -203,3 +202,16 @@ def fetch(url: str, storage_options: dict[str, Any] | None = None) -> str:
     shutil.rmtree(temporary, ignore_errors=True)
     marker.write_text(json.dumps(signature))
     return str(target)
+
+
+def _fetched_base(url: str) -> Path:
+    mirror = scratch_for(url)
+    return mirror.parent / "fetched" / mirror.name
+
+
+def forget(url: str) -> None:
+    """Delete this machine's copy of ``url`` made by :func:`fetch` (a checkpoint read once, say)."""
+    if is_url(url):
+        import shutil
+
+        shutil.rmtree(_fetched_base(url), ignore_errors=True)

@@ -334,6 +334,7 @@ def test_pairs_and_stage_directory_on_s3_train_and_resume_on_another_machine(
     stage_files = uploaded()
     assert {"_RESULT.json", "med/med.safetensors", "med/med.json", "train_log.jsonl"} <= stage_files
     assert not any(name.startswith("checkpoints/") for name in stage_files)
+    assert not list((tmp_path / "machine-b" / "fetched").glob("step_*"))  # the final checkpoint's copy went
     assert result["remote"]["med"] == f"{url}/med"
     assert result["med"].startswith(str(tmp_path / "machine-b")) and load_med(result["med"]).config.vision.image_size == 32
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from capfilt.training import checkpoint as ckpt
-from capfilt.training.store import fetch, remote_checkpoints, upload_checkpoint
+from capfilt.training.store import SCRATCH_ENV, fetch, forget, remote_checkpoints, upload_checkpoint
 
 
 def _checkpoint(directory, step: int):
@@ -17,7 +18,8 @@ def _checkpoint(directory, step: int):
     return directory
 
 
-def test_uploaded_checkpoints_are_found_whole_and_the_oldest_go(tmp_path, s3_server):
+def test_uploaded_checkpoints_are_found_whole_and_the_oldest_go(tmp_path, s3_server, monkeypatch):
+    monkeypatch.setenv(SCRATCH_ENV, str(tmp_path / "scratch"))
     url, options = s3_server.url("runs/r/pretrain"), s3_server.storage_options
     assert remote_checkpoints(url, options) == []
     for step in (2, 4, 6):
@@ -33,4 +35,6 @@ def test_uploaded_checkpoints_are_found_whole_and_the_oldest_go(tmp_path, s3_ser
     assert [step for step, _ in remote_checkpoints(url, options)] == [4, 6]
     # What a worker reads: a local copy of the newest whole one.
     local = fetch(found[-1][1], options)
-    assert ckpt.read_state(local)["step"] == 6
+    assert ckpt.read_state(local)["step"] == 6 and str(local).startswith(str(tmp_path / "scratch"))
+    forget(found[-1][1])  # once loaded, the copy goes
+    assert not Path(local).exists()
