@@ -452,9 +452,9 @@ def latest_checkpoint(job: TrainJob) -> tuple[int, str] | None:
         from capfilt.training.store import remote_checkpoints
 
         found = remote_checkpoints(job.remote_url, job.storage_options)
-    else:
-        found = [(step, str(path)) for step, path in ckpt.checkpoints(Path(job.out_dir).resolve() / CHECKPOINTS_DIR)]
-    return found[-1] if found else None
+        return found[-1] if found else None
+    found = ckpt.latest(Path(job.out_dir).resolve() / CHECKPOINTS_DIR)
+    return (found[0], str(found[1])) if found else None
 
 
 def _run_attempt(job: TrainJob, med_config: MedConfig, use_gpu: bool, root: Path, log_path: str,
@@ -486,22 +486,21 @@ def _run_attempt(job: TrainJob, med_config: MedConfig, use_gpu: bool, root: Path
                   "image_config_json": config.image.model_dump_json(), "max_text_length": config.max_text_length,
                   "prompt": config.prompt, "seed": config.seed,
                   "storage_options_json": json.dumps(job.storage_options or {}, sort_keys=True)}
-    actor_names = f"{job.fingerprint[:12] or 'train'}-{attempt}-{os.getpid()}"
-    cache = ray.remote(UnitCache).options(name=f"capfilt-units-{actor_names}", num_cpus=0,
-                                          max_concurrency=config.workers + 2).remote(
+    run_id = f"{job.fingerprint[:12] or 'train'}-{attempt}-{os.getpid()}"
+    cache_name, records_name = f"capfilt-units-{run_id}", f"capfilt-records-{run_id}"
+    cache = ray.remote(UnitCache).options(name=cache_name, num_cpus=0, max_concurrency=config.workers + 2).remote(
         [source.model_dump_json() for source in job.sources], job.units, config.seed,
         config.shuffle_shards, config.workers)
-    records = start_run_records(f"capfilt-records-{actor_names}", Path(log_path).parent, root, job.remote_url,
-                                job.storage_options)
+    records = start_run_records(records_name, Path(log_path).parent, root, job.remote_url, job.storage_options)
     spec = WorkerSpec(
         # The workers read a TrainConfig: a subclass's own fields (a fine-tune's ensemble size) stay here.
         config=config.model_dump(mode="json", include=set(TrainConfig.model_fields)),
-        tokenizer_dir=str(job.tokenizer_dir), records=f"capfilt-records-{actor_names}",
+        tokenizer_dir=str(job.tokenizer_dir), records=records_name,
         start_step=start_step, attempt=attempt,
         model=job.model.model_dump(mode="json") if job.model is not None else None, init_med=job.init_med,
         resume=found[1] if found else None, fingerprint=job.fingerprint, data=udf_kwargs,
         stream={"unit_pairs": [unit["pairs"] for unit in job.units],
-                "unit_groups": [unit["source"] for unit in job.units], "cache": f"capfilt-units-{actor_names}"},
+                "unit_groups": [unit["source"] for unit in job.units], "cache": cache_name},
         upload_checkpoints=job.remote_url,
         storage_options=job.storage_options,
     )

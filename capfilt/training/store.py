@@ -114,11 +114,9 @@ class StageStore:
 # -- checkpoints at a URL --------------------------------------------------------------------------
 
 
-def remote_checkpoints(url: str, storage_options: dict[str, Any] | None = None) -> list[tuple[int, str]]:
-    """The whole checkpoints under ``<url>/checkpoints`` as (step, URL), oldest first."""
-    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+def _whole_checkpoints(fs, root: str) -> list[tuple[int, str]]:
+    """(step, path in ``fs``) of the whole checkpoints under ``root/checkpoints``, oldest first."""
     fs.invalidate_cache()  # fsspec keeps filesystems, and their listings, per options: others upload here
-    protocol = url.split("://", 1)[0]
     found = []
     try:
         entries = fs.ls(f"{root.rstrip('/')}/{REMOTE_CHECKPOINTS}", detail=False)
@@ -135,8 +133,15 @@ def remote_checkpoints(url: str, storage_options: dict[str, Any] | None = None) 
         except (FileNotFoundError, ValueError):
             continue
         if all(sizes.get(file) == size for file, size in state["files"].items()):
-            found.append((int(state["step"]), f"{protocol}://{entry.rstrip('/')}"))
+            found.append((int(state["step"]), entry.rstrip("/")))
     return sorted(found)
+
+
+def remote_checkpoints(url: str, storage_options: dict[str, Any] | None = None) -> list[tuple[int, str]]:
+    """The whole checkpoints under ``<url>/checkpoints`` as (step, URL), oldest first."""
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    protocol = url.split("://", 1)[0]
+    return [(step, f"{protocol}://{path}") for step, path in _whole_checkpoints(fs, root)]
 
 
 def upload_checkpoint(directory: str | Path, step: int, stage_url: str, keep: int | None,
@@ -149,9 +154,8 @@ def upload_checkpoint(directory: str | Path, step: int, stage_url: str, keep: in
     files = sorted(path.name for path in Path(directory).iterdir() if path.name != ckpt.STATE_FILE)
     for file in [*files, ckpt.STATE_FILE]:
         fs.put(str(Path(directory) / file), f"{target}/{file}")
-    whole = remote_checkpoints(stage_url, storage_options)
-    for _, older in whole[:-keep] if keep else []:
-        fs.rm(fsspec.core.url_to_fs(older, **(storage_options or {}))[1], recursive=True)
+    for _, older in _whole_checkpoints(fs, root)[:-keep] if keep else []:
+        fs.rm(older, recursive=True)
     return f"{stage_url.rstrip('/')}/{REMOTE_CHECKPOINTS}/{name}"
 
 
