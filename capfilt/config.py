@@ -554,7 +554,8 @@ class TrainConfig(Section):
         "auto", description="auto: when the cluster has GPUs", json_schema_extra=RUNTIME
     )
     mixed_precision: Literal["auto", "bf16", "off"] = Field(
-        "auto", description="auto: bf16 autocast on GPU only", json_schema_extra=RUNTIME
+        "auto", description="auto: bf16 autocast where the hardware multiplies bf16 (a GPU; a CPU with AVX512-BF16 "
+        "or AMX), fp32 elsewhere", json_schema_extra=RUNTIME
     )
     seed: int = 0
     log_every: int = Field(10, gt=0, json_schema_extra=RUNTIME)

@@ -4,7 +4,7 @@ The driver (:func:`train`) picks the resume point (the newest complete checkpoin
 ``<out_dir>/checkpoints``) and runs a ``TorchTrainer`` (gloo on CPU, NCCL on GPU). Each worker
 (:func:`train_loop_per_worker`) builds or loads the MED, wraps it in DDP (``prepare_model``), and runs
 steps: ``grad_accumulation`` micro-batches, AdamW, the learning rate of
-:func:`~capfilt.training.optim.lr_at`, bf16 autocast on GPU; Ray tasks decode each rank's batches
+:func:`~capfilt.training.optim.lr_at`, bf16 autocast where the hardware has bf16 matmuls; Ray tasks decode each rank's batches
 ahead of it (:mod:`capfilt.training.data`). Every ``checkpoint_every`` steps (and at the end) rank 0
 writes a checkpoint (:mod:`capfilt.training.checkpoint`): reported to Ray Train, which copies it into
 the stage directory, or, for a stage on object storage, uploaded by rank 0 itself to the stage's URL.
@@ -56,9 +56,27 @@ LOSS_NAMES = ("loss", "loss_itc", "loss_itm", "loss_lm")
 # --------------------------------------------------------------------------------------------------
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware: a GPU, or a CPU with AVX512-BF16 or AMX.
+
+    Elsewhere oneDNN emulates bf16 and autocast makes a CPU step slower, not faster.
+    """
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    # torch exposes these probes privately only; a torch without them gets fp32.
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(probe is not None and probe() for probe in probes)
+
+
 def autocast_for(device: torch.device, mixed_precision: str):
-    """bf16 autocast on GPU when ``auto``; everywhere when ``bf16``; never when ``off``."""
-    if mixed_precision == "off" or (mixed_precision == "auto" and device.type != "cuda"):
+    """bf16 autocast when ``bf16``, or when ``auto`` on hardware with bf16 matmuls; never when ``off``.
+
+    On a CPU with AVX512-BF16 the demo's step runs 3.8 -> 5.0 steps/s (bench/README.md); weights, optimiser
+    state and the losses stay fp32.
+    """
+    if mixed_precision == "off" or (mixed_precision == "auto" and not native_bf16(device)):
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
@@ -272,6 +290,10 @@ def train_loop_per_worker(spec_dict: dict) -> None:
         optimizer.load_state_dict(ckpt.load_optimizer_state(fetch(spec.resume, spec.storage_options), device))
     autocast = autocast_for(device, config.mixed_precision)
     prompt_length = prompt_length_of(tokenizer, config.prompt)
+    if rank == 0:
+        ray.get(records.append.remote(LOG_FILE, [{
+            "event": "worker", "device": str(device), "torch_threads": torch.get_num_threads(),
+            "precision": "bf16 autocast" if isinstance(autocast, torch.autocast) else "fp32"}], spec.attempt))
 
     bad = BadPairs(spec, config, rank, records)
     samples = rank_file(SAMPLES_GLOB, rank)
@@ -422,6 +444,8 @@ def _emit_new(path: str, offset: int, name: str, total: int, log: Callable[[str]
             record = json.loads(line)
             if "loss" in record:
                 log(format_record(name, record, total))
+            elif record.get("event") == "worker":
+                log(f"[{name}] rank 0 on {record['device']}: {record['precision']}, {record['torch_threads']} torch threads")
     return offset
 
 

@@ -71,12 +71,28 @@ def test_a_bf16_autocast_step_runs_all_three_objectives(tokenizer):
     batch = {"pixel_values": torch.randn(4, 3, 32, 32), "input_ids": tokens.input_ids,
              "attention_mask": tokens.attention_mask, "image_ids": torch.arange(4)}
     med = MED.from_config(small_med_config(queue_size=8), tokenizer)
-    assert autocast_for(torch.device("cpu"), "auto").__class__.__name__ == "nullcontext"  # auto: GPU only
     losses = train_step(med, make_optimizer(med, TrainConfig(warmup_steps=0)), [batch], lr=1e-4, alpha=0.4,
                         objectives=("itc", "itm", "lm"), autocast=autocast_for(torch.device("cpu"), "bf16"))
     assert set(losses) == {"loss", "loss_itc", "loss_itm", "loss_lm"}
     assert all(torch.isfinite(value) for value in losses.values())
     assert med.image_queue.dtype == torch.float32 and int(med.queue_ptr) == 4
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_multiplies_bf16(monkeypatch):
+    from capfilt.training.loop import autocast_for
+
+    def kind(device, setting):
+        context = autocast_for(torch.device(device), setting)
+        return "bf16" if isinstance(context, torch.autocast) else "fp32"
+
+    assert kind("cpu", "off") == "fp32" and kind("cpu", "bf16") == "bf16" and kind("cuda", "auto") == "bf16"
+    for avx512_bf16, amx, expected in ((False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda value=avx512_bf16: value, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda value=amx: value, raising=False)
+        assert kind("cpu", "auto") == expected
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert kind("cpu", "auto") == "fp32"  # a torch without the probes
 
 
 def test_impossible_settings_fail_before_any_worker_starts(tmp_path):
