@@ -612,6 +612,10 @@ class VisionPretrainConfig(Section):
                         json_schema_extra=RUNTIME)
     use_gpu: bool | Literal["auto"] = Field("auto", description="auto: when the cluster has a GPU",
                                              json_schema_extra=RUNTIME)
+    mixed_precision: Literal["auto", "bf16", "off"] = Field(
+        "auto", description="auto: bf16 autocast where the hardware multiplies bf16 (a GPU; a CPU with AVX512-BF16 "
+        "or AMX), fp32 elsewhere", json_schema_extra=RUNTIME
+    )
     log_every: int = Field(100, gt=0, json_schema_extra=RUNTIME)
 
     @model_validator(mode="after")

@@ -172,6 +172,7 @@ def train_classifier(config: VisionPretrainConfig, vision: VisionConfig, data: L
     Batches are a fresh permutation of the training images per epoch, seeded by (seed, epoch).
     """
     from capfilt.training.data import derived_seed
+    from capfilt.training.precision import autocast_for
 
     torch.set_num_threads(max(1, math.ceil(config.cpus)))
     device = torch.device("cuda" if config.use_gpu is not False and torch.cuda.is_available() else "cpu")
@@ -185,6 +186,7 @@ def train_classifier(config: VisionPretrainConfig, vision: VisionConfig, data: L
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "pos_embed" in n]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    autocast = autocast_for(device, config.mixed_precision)
     count, batch = len(train_pixels), min(config.batch_size, len(train_pixels))
     per_epoch = count // batch
     started, losses = time.time(), []
@@ -199,7 +201,9 @@ def train_classifier(config: VisionPretrainConfig, vision: VisionConfig, data: L
         pixels = torch.where(flip.view(-1, 1, 1, 1), pixels.flip(-1), pixels)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
-        loss = loss_of(model(_normalise(pixels)), targets, data.multi_label)
+        with autocast:
+            logits = model(_normalise(pixels))
+        loss = loss_of(logits.float(), targets, data.multi_label)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -208,7 +212,8 @@ def train_classifier(config: VisionPretrainConfig, vision: VisionConfig, data: L
             rate = (step + 1) / (time.time() - started)
             log(f"[pretrain_vision] step {step + 1}/{config.steps} loss {np.mean(losses[-config.log_every:]):.4f} "
                 f"lr {lr_at(step, config):.2e} {rate:.1f} steps/s")
-    metrics = {"train_images": count, "final_loss": round(float(np.mean(losses[-config.log_every:])), 5)}
+    metrics = {"train_images": count, "final_loss": round(float(np.mean(losses[-config.log_every:])), 5),
+               "precision": "bf16 autocast" if isinstance(autocast, torch.autocast) else "fp32"}
     if held.any():
         metrics["holdout"] = evaluate(model, data.pixels[held], data.targets[held], data.multi_label)
     return {"state": {name: value.detach().cpu().contiguous() for name, value in model.state_dict().items()},
@@ -260,5 +265,6 @@ def run_pretrain_vision(config: VisionPretrainConfig, vision: VisionConfig, read
     with fsspec.open(f"{out_dir.rstrip('/')}/{RECORD_FILE}", "w") as handle:
         json.dump(result, handle, indent=2, sort_keys=True)
     log(f"[pretrain_vision] {result['images']} of {result['rows']} rows, classes {result['classes']}, "
-        f"rejected {result['rejects'] or 'none'}; held out: {result['metrics'].get('holdout', 'none')}")
+        f"rejected {result['rejects'] or 'none'}; trained in {result['metrics']['precision']}; "
+        f"held out: {result['metrics'].get('holdout', 'none')}")
     return result

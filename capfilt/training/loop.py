@@ -35,6 +35,7 @@ import torch
 
 from capfilt.config import MedConfig, PairSource, TrainConfig
 from capfilt.training import checkpoint as ckpt
+from capfilt.training.precision import autocast_for
 from capfilt.training.records import (
     BAD_PAIRS_GLOB,
     LOG_FILE,
@@ -54,31 +55,6 @@ LOSS_NAMES = ("loss", "loss_itc", "loss_itm", "loss_lm")
 # --------------------------------------------------------------------------------------------------
 # One step (no Ray: unit-testable)
 # --------------------------------------------------------------------------------------------------
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bf16 matrices in hardware: a GPU, or a CPU with AVX512-BF16 or AMX.
-
-    Elsewhere oneDNN emulates bf16 and autocast makes a CPU step slower, not faster.
-    """
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu":
-        return False
-    # torch exposes these probes privately only; a torch without them gets fp32.
-    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return any(probe is not None and probe() for probe in probes)
-
-
-def autocast_for(device: torch.device, mixed_precision: str):
-    """bf16 autocast when ``bf16``, or when ``auto`` on hardware with bf16 matmuls; never when ``off``.
-
-    On a CPU with AVX512-BF16 the demo's step runs 3.8 -> 5.0 steps/s (bench/README.md); weights, optimiser
-    state and the losses stay fp32.
-    """
-    if mixed_precision == "off" or (mixed_precision == "auto" and not native_bf16(device)):
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def train_step(
@@ -172,13 +148,14 @@ class WorkerSpec:
 
 
 class _Meter:
-    """Loss sums and timing between two log lines."""
+    """Loss sums and timing between two log lines; ``waited``: seconds spent waiting for batches."""
 
     def __init__(self, start_step: int):
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
         self.since = time.time()
         self.since_step = start_step
+        self.waited = 0.0
 
     def add(self, losses: dict[str, torch.Tensor]) -> None:
         for name, value in losses.items():
@@ -196,9 +173,11 @@ class _Meter:
         elapsed = time.time() - self.since
         rate = (step - self.since_step) / elapsed if elapsed > 0 else 0.0
         record = {name: round(float(value), 6) for name, value in zip(names, values.cpu())}
+        # data_wait: the share of rank 0's time spent waiting for decoded batches (input-bound when high).
         record.update(step=step, lr=lr, alpha=alpha, steps_per_s=round(rate, 4),
-                      eta_s=round((total - step) / rate, 1) if rate > 0 else None, time=time.time())
-        self.sums, self.count, self.since, self.since_step = {}, 0, time.time(), step
+                      eta_s=round((total - step) / rate, 1) if rate > 0 else None, time=time.time(),
+                      data_wait=round(min(1.0, self.waited / elapsed), 4) if elapsed > 0 else 0.0)
+        self.sums, self.count, self.since, self.since_step, self.waited = {}, 0, time.time(), step, 0.0
         return record
 
 
@@ -304,7 +283,9 @@ def train_loop_per_worker(spec_dict: dict) -> None:
         torch.manual_seed(derived_seed("step", config.seed, step, rank))  # dropout, ITM negatives
         micro = []
         for _ in range(config.grad_accumulation):
+            waiting = time.perf_counter()
             batch = next(batches)
+            meter.waited += time.perf_counter() - waiting
             bad.add(batch["bad"], step)
             micro.append(model_inputs(batch, device))
             if config.record_samples:
@@ -405,8 +386,9 @@ def format_record(name: str, record: dict, total: int) -> str:
     losses = " ".join(f"{key[5:]} {record[key]:.4f}" for key in LOSS_NAMES[1:] if key in record)
     eta = record.get("eta_s")
     eta_text = f"{int(eta) // 60}m{int(eta) % 60:02d}s" if eta is not None else "?"
+    wait = f" ({record['data_wait']:.0%} waiting for data)" if record.get("data_wait") else ""
     return (f"[{name}] step {record['step']}/{total} loss {record.get('loss', float('nan')):.4f} ({losses}) "
-            f"lr {record['lr']:.2e} {record.get('steps_per_s', 0):.2f} steps/s eta {eta_text}")
+            f"lr {record['lr']:.2e} {record.get('steps_per_s', 0):.2f} steps/s{wait} eta {eta_text}")
 
 
 def _fit_following(trainer, log_path: str, offset: int, name: str, total: int, log: Callable[[str], None]):

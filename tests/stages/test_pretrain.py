@@ -198,12 +198,13 @@ def test_killed_pretraining_resumes_from_its_checkpoint_and_learns(killed_twice,
     # Every attempt's rank 0 says where and in what precision it trains (mixed_precision: auto).
     import torch
 
-    from capfilt.training.loop import native_bf16
+    from capfilt.training.precision import native_bf16
 
     precision = "bf16 autocast" if native_bf16(torch.device("cpu")) else "fp32"
     workers = [r for r in records if r.get("event") == "worker"]
     assert len(workers) >= len(starts) and {(w["device"], w["precision"]) for w in workers} == {("cpu", precision)}
     assert f"[pretrain] rank 0 on cpu: {precision}, 1 torch threads" in messages
+    assert all(0.0 <= r["data_wait"] <= 1.0 for r in records if "loss" in r)
     losses = _losses(records)
     assert sorted(losses) == list(range(1, STEPS + 1))  # each step once: the killed run's tail was rewound
     # Same data, same random draws: the steps both runs trained agree exactly.

@@ -51,13 +51,13 @@ def _write_shard(path, rows: int, multi_label: bool, faults: bool = False):
     return str(path)
 
 
-@pytest.mark.parametrize("multi_label", [False, True])
-def test_the_classifier_learns_the_labels(tmp_path, multi_label):
+@pytest.mark.parametrize(("multi_label", "mixed_precision"), [(False, "off"), (True, "off"), (True, "bf16")])
+def test_the_classifier_learns_the_labels(tmp_path, multi_label, mixed_precision):
     path = _write_shard(tmp_path / "labelled.parquet", 240, multi_label)
     data = read_labelled(ReaderConfig(paths=path), "label", VISION.image_size)
     assert data.classes == ["blue", "green", "red"] and data.multi_label is multi_label
     config = VisionPretrainConfig(steps=120, batch_size=32, lr=2e-3, warmup_steps=10, holdout_fraction=0.25,
-                                  label_column="label", log_every=40)
+                                  label_column="label", log_every=40, mixed_precision=mixed_precision)
     untrained = train_classifier(config.model_copy(update={"steps": 1, "lr": 1e-12}), VISION, data, log=lambda line: None)
     trained = train_classifier(config, VISION, data, log=lambda line: None)
     holdout = trained["metrics"]["holdout"]
@@ -65,6 +65,7 @@ def test_the_classifier_learns_the_labels(tmp_path, multi_label):
     accuracy = holdout["exact_set_accuracy" if multi_label else "top1_accuracy"]
     before = untrained["metrics"]["holdout"]["exact_set_accuracy" if multi_label else "top1_accuracy"]
     assert accuracy >= 0.9 > before
+    assert trained["metrics"]["precision"] == {"off": "fp32", "bf16": "bf16 autocast"}[mixed_precision]
 
 
 def test_every_row_is_trained_on_or_rejected_with_a_reason(tmp_path):

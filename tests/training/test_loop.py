@@ -60,11 +60,14 @@ def test_a_log_record_becomes_one_progress_line():
     line = format_record("pretrain", {"step": 5, "loss": 0.2, "loss_itc": 0.1, "lr": 1e-4, "steps_per_s": 2.0,
                                       "eta_s": 75}, 10)
     assert line == "[pretrain] step 5/10 loss 0.2000 (itc 0.1000) lr 1.00e-04 2.00 steps/s eta 1m15s"
+    line = format_record("pretrain", {"step": 5, "loss": 0.2, "lr": 1e-4, "steps_per_s": 2.0, "eta_s": 75,
+                                      "data_wait": 0.254}, 10)
+    assert line == "[pretrain] step 5/10 loss 0.2000 () lr 1.00e-04 2.00 steps/s (25% waiting for data) eta 1m15s"
 
 
 def test_a_bf16_autocast_step_runs_all_three_objectives(tokenizer):
     from capfilt.models.med import MED
-    from capfilt.training.loop import autocast_for
+    from capfilt.training.precision import autocast_for
 
     tokens = tokenizer(TEXTS, padding="longest", return_tensors="pt")
     torch.manual_seed(0)
@@ -77,22 +80,6 @@ def test_a_bf16_autocast_step_runs_all_three_objectives(tokenizer):
     assert all(torch.isfinite(value) for value in losses.values())
     assert med.image_queue.dtype == torch.float32 and int(med.queue_ptr) == 4
 
-
-def test_auto_precision_is_bf16_only_where_the_hardware_multiplies_bf16(monkeypatch):
-    from capfilt.training.loop import autocast_for
-
-    def kind(device, setting):
-        context = autocast_for(torch.device(device), setting)
-        return "bf16" if isinstance(context, torch.autocast) else "fp32"
-
-    assert kind("cpu", "off") == "fp32" and kind("cpu", "bf16") == "bf16" and kind("cuda", "auto") == "bf16"
-    for avx512_bf16, amx, expected in ((False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")):
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda value=avx512_bf16: value, raising=False)
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda value=amx: value, raising=False)
-        assert kind("cpu", "auto") == expected
-    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
-    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
-    assert kind("cpu", "auto") == "fp32"  # a torch without the probes
 
 
 def test_impossible_settings_fail_before_any_worker_starts(tmp_path):
