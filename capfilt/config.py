@@ -555,7 +555,7 @@ class TrainConfig(Section):
     )
     mixed_precision: Literal["auto", "bf16", "off"] = Field(
         "auto", description="auto: bf16 autocast where the hardware multiplies bf16 (a GPU; a CPU with AVX512-BF16 "
-        "or AMX), fp32 elsewhere", json_schema_extra=RUNTIME
+        "or AMX, for towers at least 128 wide), fp32 elsewhere", json_schema_extra=RUNTIME
     )
     seed: int = 0
     log_every: int = Field(10, gt=0, json_schema_extra=RUNTIME)
@@ -614,7 +614,7 @@ class VisionPretrainConfig(Section):
                                              json_schema_extra=RUNTIME)
     mixed_precision: Literal["auto", "bf16", "off"] = Field(
         "auto", description="auto: bf16 autocast where the hardware multiplies bf16 (a GPU; a CPU with AVX512-BF16 "
-        "or AMX), fp32 elsewhere", json_schema_extra=RUNTIME
+        "or AMX, for towers at least 128 wide), fp32 elsewhere", json_schema_extra=RUNTIME
     )
     log_every: int = Field(100, gt=0, json_schema_extra=RUNTIME)
 

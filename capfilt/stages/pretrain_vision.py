@@ -186,7 +186,7 @@ def train_classifier(config: VisionPretrainConfig, vision: VisionConfig, data: L
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "pos_embed" in n]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
-    autocast = autocast_for(device, config.mixed_precision)
+    autocast = autocast_for(device, config.mixed_precision, vision.width)
     count, batch = len(train_pixels), min(config.batch_size, len(train_pixels))
     per_epoch = count // batch
     started, losses = time.time(), []

@@ -267,7 +267,7 @@ def train_loop_per_worker(spec_dict: dict) -> None:
     optimizer = make_optimizer(med, config)
     if spec.resume:
         optimizer.load_state_dict(ckpt.load_optimizer_state(fetch(spec.resume, spec.storage_options), device))
-    autocast = autocast_for(device, config.mixed_precision)
+    autocast = autocast_for(device, config.mixed_precision, min(med.config.vision.width, med.config.text.width))
     prompt_length = prompt_length_of(tokenizer, config.prompt)
     if rank == 0:
         ray.get(records.append.remote(LOG_FILE, [{

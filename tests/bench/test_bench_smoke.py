@@ -138,6 +138,21 @@ def test_gpu_benchmark_runs_tiny_on_cpu_without_ray():
         assert result["peak_bf16_tflops"] is None and result["results"]["k1"]["utilisation"] is None
 
 
+def test_train_step_benchmark_times_each_precision_and_thread_count_without_ray():
+    result = _run_script("train_step.py", "--size", "test", "--steps", "2", "--warmup", "1", "--repeats", "2",
+                         "--batch-size", "4", "--text-length", "8", "--threads", "1")
+    assert result["benchmark"] == "train_step" and result["ray_imported"] is False
+    _assert_machine(result["machine"])
+    assert set(result["results"]) == {"fp32_threads1", "bf16_threads1"}
+    for entry in result["results"].values():
+        assert len(entry["steps_per_s"]) == 2 and entry["steps_per_s_median"] > 0
+        assert set(entry["first_step_losses"]) == {"loss", "loss_itc", "loss_itm", "loss_lm"}
+    # Same model, same batch: bf16 autocast moves the first step's loss by rounding only.
+    fp32, bf16 = (result["results"][f"{p}_threads1"]["first_step_losses"]["loss"] for p in ("fp32", "bf16"))
+    assert bf16 == pytest.approx(fp32, rel=0.02)
+    assert result["bf16_over_fp32"]["threads1"] > 0
+
+
 def test_peak_table_and_steady_state_rates():
     from bench import gpu
 
