@@ -172,7 +172,7 @@ def train_classifier(config: VisionPretrainConfig, vision: VisionConfig, data: L
     Batches are a fresh permutation of the training images per epoch, seeded by (seed, epoch).
     """
     from capfilt.training.data import derived_seed
-    from capfilt.training.precision import autocast_for
+    from capfilt.training.precision import autocast_for, precision_name
 
     torch.set_num_threads(max(1, math.ceil(config.cpus)))
     device = torch.device("cuda" if config.use_gpu is not False and torch.cuda.is_available() else "cpu")
@@ -213,7 +213,7 @@ def train_classifier(config: VisionPretrainConfig, vision: VisionConfig, data: L
             log(f"[pretrain_vision] step {step + 1}/{config.steps} loss {np.mean(losses[-config.log_every:]):.4f} "
                 f"lr {lr_at(step, config):.2e} {rate:.1f} steps/s")
     metrics = {"train_images": count, "final_loss": round(float(np.mean(losses[-config.log_every:])), 5),
-               "precision": "bf16 autocast" if isinstance(autocast, torch.autocast) else "fp32"}
+               "precision": precision_name(autocast)}
     if held.any():
         metrics["holdout"] = evaluate(model, data.pixels[held], data.targets[held], data.multi_label)
     return {"state": {name: value.detach().cpu().contiguous() for name, value in model.state_dict().items()},

@@ -35,7 +35,7 @@ import torch
 
 from capfilt.config import MedConfig, PairSource, TrainConfig
 from capfilt.training import checkpoint as ckpt
-from capfilt.training.precision import autocast_for
+from capfilt.training.precision import autocast_for, precision_name
 from capfilt.training.records import (
     BAD_PAIRS_GLOB,
     LOG_FILE,
@@ -272,7 +272,7 @@ def train_loop_per_worker(spec_dict: dict) -> None:
     if rank == 0:
         ray.get(records.append.remote(LOG_FILE, [{
             "event": "worker", "device": str(device), "torch_threads": torch.get_num_threads(),
-            "precision": "bf16 autocast" if isinstance(autocast, torch.autocast) else "fp32"}], spec.attempt))
+            "precision": precision_name(autocast)}], spec.attempt))
 
     bad = BadPairs(spec, config, rank, records)
     samples = rank_file(SAMPLES_GLOB, rank)

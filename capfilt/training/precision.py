@@ -39,3 +39,8 @@ def autocast_for(device: torch.device, mixed_precision: str, width: int | None =
         if narrow or not native_bf16(device):
             return nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def precision_name(autocast) -> str:
+    """How a context from :func:`autocast_for` trains, for logs and records."""
+    return "bf16 autocast" if isinstance(autocast, torch.autocast) else "fp32"
