@@ -146,7 +146,8 @@ def _texts(output: CapFiltOutput, source: str) -> list[dict]:
 
 
 def filter_metrics(output: CapFiltOutput, truth: dict[tuple[str, int], Truth] | None, threshold: float) -> dict[str, Any]:
-    """Removal precision and recall at ``threshold``, ROC-AUC, clean texts kept, recall per noise type."""
+    """Removal precision and recall at ``threshold``, ROC-AUC, clean texts kept; per noise type, recall and
+    ROC-AUC against the clean texts."""
     scored = [row for row in _texts(output, WEB) if row["score"] is not None]
     labelled = []
     for row in scored:
@@ -177,8 +178,12 @@ def filter_metrics(output: CapFiltOutput, truth: dict[tuple[str, int], Truth] | 
     )
     for noise_type in sorted(set(types[noisy].tolist())):
         of_type = noisy & (types == noise_type)
+        # Recall depends on the threshold; the AUC against clean texts says whether the filter ranks this kind
+        # of noise below clean texts at all (0.5: it cannot tell them apart, whatever the threshold).
+        against_clean = of_type | ~noisy
         metrics["by_noise_type"][noise_type or "unknown"] = {
             "recall": fraction(removed & of_type, of_type),
+            "roc_auc_vs_clean": roc_auc(1.0 - probs[against_clean], noisy[against_clean]),
             "count": int(of_type.sum()),
             "mean_itm_prob": float(probs[of_type].mean()),
         }

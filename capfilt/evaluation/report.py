@@ -54,8 +54,9 @@ def _capfilt_lines(metrics: dict[str, Any], prefix: str) -> list[str]:
         ]
         by_type = filter_.get("by_noise_type") or {}
         if by_type:
-            lines.append("  recall by noise type: " + ", ".join(
-                f"{name} {_number(v.get('recall'), digits=2)} (n={v.get('count')})" for name, v in by_type.items()))
+            lines.append("  by noise type, recall / ROC-AUC against clean texts: " + ", ".join(
+                f"{name} {_number(v.get('recall'), digits=2)} / {_number(v.get('roc_auc_vs_clean'), digits=2)} "
+                f"(n={v.get('count')})" for name, v in by_type.items()))
     captioner = metrics.get("captioner")
     if captioner:
         lines.append(

@@ -46,6 +46,16 @@ def test_train_transform_shape_and_seed():
     assert first.shape == (3, 32, 32) and first.dtype == torch.float32
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
+    # A seeded call leaves the caller's random stream where it was, and draws what torch.manual_seed would.
+    torch.manual_seed(0)
+    expected_next = torch.rand(3)
+    torch.manual_seed(0)
+    transform(image, seed=7)
+    assert torch.equal(torch.rand(3), expected_next)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        reference = transform(image)
+    assert torch.equal(first, reference)
     assert set(BlipRandAugment._AUGMENTATION_SPACE) == {
         "Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness",
         "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate",

@@ -97,10 +97,12 @@ def test_filter_metrics_on_known_labels():
     assert metrics["clean_kept"] == pytest.approx(2 / 3)
     # 1 - prob for noisy (0.9, 0.8, 0.4) vs clean (0.1, 0.3, 0.6): 8 of 9 pairs ordered right.
     assert metrics["roc_auc"] == pytest.approx(8 / 9)
+    # Against the clean texts (0.9, 0.7, 0.4): boilerplate (0.2) and mismatched (0.1) rank below all three;
+    # hard_attribute (0.6) below two of them.
     assert metrics["by_noise_type"] == {
-        "boilerplate": {"recall": 1.0, "count": 1, "mean_itm_prob": 0.2},
-        "hard_attribute": {"recall": 0.0, "count": 1, "mean_itm_prob": 0.6},
-        "mismatched": {"recall": 1.0, "count": 1, "mean_itm_prob": 0.1},
+        "boilerplate": {"recall": 1.0, "roc_auc_vs_clean": 1.0, "count": 1, "mean_itm_prob": 0.2},
+        "hard_attribute": {"recall": 0.0, "roc_auc_vs_clean": pytest.approx(2 / 3), "count": 1, "mean_itm_prob": 0.6},
+        "mismatched": {"recall": 1.0, "roc_auc_vs_clean": 1.0, "count": 1, "mean_itm_prob": 0.1},
     }
     # A stricter threshold removes row 5 too.
     assert filter_metrics(output, truth, threshold=0.65)["recall"] == 1.0

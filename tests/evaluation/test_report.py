@@ -27,12 +27,14 @@ def test_summary_lines_for_capfilt():
     metrics = {
         "models": {},
         "filter": {"roc_auc": 0.91, "precision": 0.8, "recall": None, "clean_kept": 0.95, "threshold": 0.5,
-                   "by_noise_type": {"mismatched": {"recall": 0.9, "count": 12}}},
+                   "by_noise_type": {"mismatched": {"recall": 0.9, "roc_auc_vs_clean": 0.97, "count": 12},
+                                     "hard_relation": {"recall": 0.4, "count": 3}}},
         "captioner": {"synthetic_caption_accuracy": 0.6, "kept_synthetic_caption_accuracy": 0.7,
                       "distinct_captions_per_image": 2.5},
         "capfilt": {"input_rows": 100, "kept": 80, "filtered": 15, "rejected": 5, "kept_by_source": {"web": 70}},
     }
     text = format_table(metrics)
-    assert "ROC-AUC 0.910" in text and "recall n/a" in text and "mismatched 0.90 (n=12)" in text
+    assert "ROC-AUC 0.910" in text and "recall n/a" in text and "mismatched 0.90 / 0.97 (n=12)" in text
+    assert "hard_relation 0.40 / n/a (n=3)" in text
     assert "synthetic caption accuracy 0.600" in text and "distinct captions per image 2.50" in text
     assert "100 input rows: 80 kept, 15 filtered, 5 rejected; kept texts by source: web 70" in text
