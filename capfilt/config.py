@@ -250,7 +250,7 @@ BEAM_EVAL_SAMPLING = CaptionSampling(method="beam", num_beams=3, max_length=20, 
 
 
 # --------------------------------------------------------------------------------------------------
-# Data in (readers, decoding) -- capfilt/data/shards.py, capfilt/data/images.py
+# Data in (readers, decoding) -- capfilt/data/shards/, capfilt/data/images.py
 # --------------------------------------------------------------------------------------------------
 
 # === data sections ===
@@ -261,7 +261,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class ReaderConfig(Section):
-    """Where input pairs are and how to read them (capfilt/data/shards.py)."""
+    """Where input pairs are and how to read them (capfilt/data/shards/)."""
 
     format: Literal["parquet", "webdataset", "folder"] = Field(
         "parquet", description="img2dataset parquet, webdataset tars, or captions CSV/JSONL files beside images"
