@@ -179,7 +179,8 @@ def filter_metrics(output: CapFiltOutput, truth: dict[tuple[str, int], Truth] | 
     for noise_type in sorted(set(types[noisy].tolist())):
         of_type = noisy & (types == noise_type)
         # Recall depends on the threshold; the AUC against clean texts says whether the filter ranks this kind
-        # of noise below clean texts at all (0.5: it cannot tell them apart, whatever the threshold).
+        # of noise below clean texts at all (0.5: no better than chance, whatever the threshold). It also
+        # carries whatever else sets the type apart from clean texts (length, objects named).
         against_clean = of_type | ~noisy
         metrics["by_noise_type"][noise_type or "unknown"] = {
             "recall": fraction(removed & of_type, of_type),
