@@ -55,7 +55,7 @@ def _batch(config, batch_size: int, text_length: int, vocab_size: int, device) -
     return {name: value.to(device) for name, value in batch.items()}
 
 
-def measure(size: str, precision: str, threads: int, args, device) -> dict[str, Any]:
+def measure(size: str, precision: str, threads: int, objectives: tuple[str, ...], args, device) -> dict[str, Any]:
     import torch
 
     from capfilt.training.loop import train_step
@@ -69,8 +69,7 @@ def measure(size: str, precision: str, threads: int, args, device) -> dict[str, 
     autocast = autocast_for(device, PRECISIONS[precision])
 
     def step() -> dict:
-        return train_step(model, optimizer, [batch], lr=1e-4, alpha=0.4, objectives=tuple(args.objectives.split(",")),
-                          autocast=autocast)
+        return train_step(model, optimizer, [batch], lr=1e-4, alpha=0.4, objectives=objectives, autocast=autocast)
 
     first = step()
     for _ in range(args.warmup - 1):
@@ -115,13 +114,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
         parser.error(f"--precisions: unknown {unknown}; choose from {sorted(PRECISIONS)}")
     thread_counts = [int(count) for count in args.threads.split(",")]
+    objectives = tuple(name.strip() for name in args.objectives.split(","))
     load_before = common.load_average()
     rounds: dict[str, list[dict]] = {}
     for _ in range(args.repeats):
         for threads in thread_counts:
             for precision in precisions:
                 rounds.setdefault(f"{precision}_threads{threads}", []).append(
-                    measure(args.size, precision, threads, args, device))
+                    measure(args.size, precision, threads, objectives, args, device))
     results = {}
     for name, runs in rounds.items():
         rates = [run["steps_per_s"] for run in runs]
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": {"size": args.size, "model": SIZES[args.size], "batch_size": args.batch_size,
                      "text_length": args.text_length, "vocab_size": args.vocab_size, "steps": args.steps,
                      "warmup": args.warmup, "repeats": args.repeats, "threads": thread_counts,
-                     "objectives": args.objectives.split(","),
+                     "objectives": list(objectives),
                      "precisions": precisions},
         "results": results,
         "bf16_over_fp32": speedups,
