@@ -7,6 +7,10 @@ VENV ?= .venv
 # torch and torchvision must be a matching pair (timm imports torchvision).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
+# Two pytest processes: the slow tests wait on process start-ups (Ray clusters, Ray Train worker groups,
+# imports) far more than they compute. Each takes whole test files (loadfile), so a module's fixtures
+# (the reduced demo run, the multi-node cluster) are built once.
+TEST_WORKERS ?= 2
 STAMP := $(VENV)/.capfilt-installed
 
 # The report test (tests/reporting) opens the HTML in headless Chromium; test-tools installs it when missing.
@@ -32,7 +36,7 @@ paper: $(STAMP)
 
 test: $(STAMP) test-tools
 	$(VENV)/bin/ruff check capfilt tests bench
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-tools:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
