@@ -8,13 +8,14 @@ every random draw are functions of (seed, step).
 
 Ray Train copies a checkpoint into ``<root>/attempt-NNN/step_SSSSSSSS`` file by file (for a stage on
 object storage rank 0 uploads it to ``<url>/checkpoints/step_SSSSSSSS`` the same way, see
-:mod:`capfilt.training.store`), so a driver killed mid-copy leaves a torn directory. A checkpoint
-counts only when ``state.json`` parses and every file it lists has its recorded size
-(:func:`is_complete`). Each run of a stage is a new attempt (a new Ray Train run name), so Ray never
-tries to restore its own, possibly torn, run snapshot: the resume point is chosen here
-(:func:`latest`), and everything older is deleted before the new attempt starts (:func:`prune`).
-``CURRENT`` names the attempt that may write (:mod:`capfilt.training.records` checks it): the workers
-of a killed driver live on for a few seconds and must not write into a run that has moved on.
+:mod:`capfilt.training.store`; trained in the driver, the loop copies it there itself, :func:`install`),
+so a driver killed mid-copy leaves a torn directory. A checkpoint counts only when ``state.json`` parses
+and every file it lists has its recorded size (:func:`is_complete`). Each run of a stage is a new
+attempt (a new Ray Train run name), so Ray never tries to restore its own, possibly torn, run snapshot:
+the resume point is chosen here (:func:`latest`), and everything older is deleted before the new attempt
+starts (:func:`prune`). ``CURRENT`` names the attempt that may write (:mod:`capfilt.training.records`
+checks it): the workers of a killed driver live on for a few seconds and must not write into a run that
+has moved on.
 """
 
 from __future__ import annotations
@@ -145,6 +146,21 @@ def prune(root: str | Path, keep: Path | None) -> None:
                 path.unlink(missing_ok=True)
         if not any(attempt.iterdir()):
             attempt.rmdir()
+
+
+def install(directory: str | Path, attempt_dir: Path, step: int, keep: int) -> Path:
+    """Copy the checkpoint in ``directory`` to ``attempt_dir/step_N`` as Ray Train copies a reported one
+    (``state.json`` last), then delete all but the newest ``keep`` whole ones of the attempt."""
+    target = attempt_dir / checkpoint_name(step)
+    target.mkdir(parents=True, exist_ok=True)
+    files = sorted(path.name for path in Path(directory).iterdir() if path.name != STATE_FILE)
+    for name in [*files, STATE_FILE]:
+        shutil.copyfile(Path(directory) / name, target / name)
+    whole = sorted((int(state["step"]), path) for path in attempt_dir.iterdir()
+                   if _STEP.match(path.name) and (state := read_state(path)) is not None)
+    for _, older in whole[:-keep]:
+        shutil.rmtree(older, ignore_errors=True)
+    return target
 
 
 def remove_all(root: str | Path) -> None:

@@ -8,6 +8,9 @@ steps: ``grad_accumulation`` micro-batches, AdamW, the learning rate of
 ahead of it (:mod:`capfilt.training.data`). Every ``checkpoint_every`` steps (and at the end) rank 0
 writes a checkpoint (:mod:`capfilt.training.checkpoint`): reported to Ray Train, which copies it into
 the stage directory, or, for a stage on object storage, uploaded by rank 0 itself to the stage's URL.
+With ``train_in_driver`` the one rank runs in the driver's process (Ray Train's local mode: no
+controller or worker processes, whose start-up costs ~20 s a stage on two cores) and copies its
+checkpoints into the stage directory itself, where Ray Train would have put them.
 Every random draw of step ``s`` on rank ``r`` comes from a generator seeded by (seed, s, r), and the
 data of step ``s`` is fixed by (seed, s), so a resumed run continues exactly.
 
@@ -144,6 +147,7 @@ class WorkerSpec:
     data: dict | None = None  # make_batch's keyword arguments
     stream: dict | None = None  # unit_pairs (one count per unit) and the UnitCache actor's name
     upload_checkpoints: str | None = None  # a stage URL: rank 0 uploads checkpoints there instead of reporting them
+    checkpoint_dir: str | None = None  # training in the driver: checkpoints go straight into this attempt directory
     storage_options: dict | None = None  # fsspec options for the URLs above
 
 
@@ -271,7 +275,7 @@ def train_loop_per_worker(spec_dict: dict) -> None:
     prompt_length = prompt_length_of(tokenizer, config.prompt)
     if rank == 0:
         ray.get(records.append.remote(LOG_FILE, [{
-            "event": "worker", "device": str(device), "torch_threads": torch.get_num_threads(),
+            "event": "worker", "device": str(device), "torch_threads": torch.get_num_threads(), "pid": os.getpid(),
             "precision": precision_name(autocast)}], spec.attempt))
 
     bad = BadPairs(spec, config, rank, records)
@@ -312,6 +316,8 @@ def train_loop_per_worker(spec_dict: dict) -> None:
                         ray.get(records.check_current.remote(spec.attempt))
                         upload_checkpoint(directory, done, spec.upload_checkpoints, config.keep_checkpoints,
                                           spec.storage_options)
+                    elif spec.checkpoint_dir:  # Ray Train's local mode keeps a reported checkpoint nowhere
+                        ckpt.install(directory, Path(spec.checkpoint_dir), done, config.keep_checkpoints)
                     else:
                         checkpoint = ray.train.Checkpoint.from_directory(directory)
                 ray.train.report({**last_metrics, "step": done}, checkpoint=checkpoint,
@@ -373,6 +379,7 @@ def check_job(job: TrainJob, cluster: dict[str, float]) -> tuple[MedConfig, bool
     use_gpu = gpus >= config.workers if config.use_gpu == "auto" else bool(config.use_gpu)
     if use_gpu and gpus < config.workers:
         raise ValueError(f"use_gpu: {config.workers} workers need a GPU each; the cluster has {gpus:g}")
+    # Training in the driver still holds its CPUs (a placement group in _run_attempt) so decoding cannot take them.
     cpus_needed = config.workers * config.cpus_per_worker + config.data_cpus
     if cluster.get("CPU", 0.0) < cpus_needed:
         raise ValueError(
@@ -427,7 +434,9 @@ def _emit_new(path: str, offset: int, name: str, total: int, log: Callable[[str]
             if "loss" in record:
                 log(format_record(name, record, total))
             elif record.get("event") == "worker":
-                log(f"[{name}] rank 0 on {record['device']}: {record['precision']}, {record['torch_threads']} torch threads")
+                where = " (in the driver)" if record.get("pid") == os.getpid() else ""
+                log(f"[{name}] rank 0 on {record['device']}{where}: {record['precision']}, "
+                    f"{record['torch_threads']} torch threads")
     return offset
 
 
@@ -508,13 +517,15 @@ def _run_attempt(job: TrainJob, med_config: MedConfig, use_gpu: bool, root: Path
         stream={"unit_pairs": [unit["pairs"] for unit in job.units],
                 "unit_groups": [unit["source"] for unit in job.units], "cache": cache_name},
         upload_checkpoints=job.remote_url,
+        checkpoint_dir=str(root / attempt) if config.train_in_driver and not job.remote_url else None,
         storage_options=job.storage_options,
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=asdict(spec),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
+        scaling_config=ray.train.ScalingConfig(num_workers=0 if config.train_in_driver else config.workers,
+                                               use_gpu=use_gpu,
                                                resources_per_worker={"CPU": config.cpus_per_worker},
                                                placement_strategy=config.placement_strategy),
         run_config=ray.train.RunConfig(
@@ -525,11 +536,34 @@ def _run_attempt(job: TrainJob, med_config: MedConfig, use_gpu: bool, root: Path
             failure_config=ray.train.FailureConfig(max_failures=0),
         ),
     )
+    held = _hold_driver_cpus(config, use_gpu) if config.train_in_driver else None
+    threads = torch.get_num_threads()  # the loop sets its own; in the driver, give the caller's back
     try:
         _fit_following(trainer, log_path, offset, job.name, config.steps, log)
     finally:
+        torch.set_num_threads(threads)
+        if held is not None:
+            ray.util.remove_placement_group(held)
         ray.kill(cache)
         ray.kill(records)
+
+
+def _hold_driver_cpus(config: TrainConfig, use_gpu: bool):
+    """A placement group of the rank's resources on the driver's node, held while it trains there, so Ray
+    schedules no decoding task onto the CPUs (or GPU) the driver's torch threads use. None where that node
+    offers Ray none (a head node started with 0 CPUs runs no tasks anyway)."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    offered = next((node["Resources"] for node in ray.nodes() if node["NodeID"] == node_id), {})
+    bundle = {"CPU": config.cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
+    if any(offered.get(name, 0.0) < amount for name, amount in bundle.items()):
+        return None
+    group = ray.util.placement_group([bundle], strategy="STRICT_PACK", _soft_target_node_id=node_id)
+    if not group.wait(timeout_seconds=120):
+        ray.util.remove_placement_group(group)
+        raise RuntimeError(f"train_in_driver: {bundle} on the driver's node were not free within 120 s")
+    return group
 
 
 def train(job: TrainJob, log: Callable[[str], None] = print) -> dict[str, Any]:

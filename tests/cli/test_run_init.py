@@ -17,7 +17,10 @@ from tests.cli.test_run import CAPFILT, _run
 
 SMALL_WORLD = {"num_web": 32, "num_human": 16, "num_test": 0, "image_size": 32, "rows_per_shard": 16}
 TEXT = {"width": 64, "layers": 1, "heads": 2, "mlp_dim": 128}
-TRAIN = {"steps": 3, "batch_size": 8, "warmup_steps": 1, "checkpoint_every": 2}
+# In the driver (train_in_driver): what is tested is where the weights come from, not Ray Train's workers
+# (tests/stages/test_pretrain.py), whose start-up would be most of these tests' time.
+TRAIN = {"steps": 3, "batch_size": 8, "warmup_steps": 1, "checkpoint_every": 2, "train_in_driver": True}
+FINETUNE = {"steps": 2, "batch_size": 8, "checkpoint_every": 2, "train_in_driver": True}
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +49,8 @@ def test_blip_pretraining_from_a_timm_vit_and_bert(tmp_path, bert_and_vit):
         "model": {"preset": "tiny", "vision": vision.model_dump(), "text": TEXT, "embed_dim": 32,
                   "init": {"vision": str(vit_path), "text": str(bert_dir)}},
         "pretrain": TRAIN,
-        # The filter alone: one fine-tuning fewer (each costs a Ray Train start); the round still pretrains.
-        "finetune_filter": {"steps": 2, "batch_size": 8, "checkpoint_every": 2},
+        # The filter alone: one fine-tuning fewer; the round still pretrains.
+        "finetune_filter": FINETUNE,
         "capfilt": {"batch_size": 8, "sampling": {"num_captions": 0}},
         "round_pretrain_start": "previous_round",
     }
@@ -91,8 +94,8 @@ def test_a_new_captioner_and_filter_from_published_blip_checkpoints(tmp_path, ti
         "model": {"preset": "tiny", "vision": {"image_size": 32, "patch_size": 8, **TEXT}, "text": TEXT,
                   "embed_dim": 32, "queue_size": 64,
                   "init": {"blip_retrieval": tiny_models["filter"], "blip_captioning": tiny_models["captioner"]}},
-        "finetune_captioner": {"steps": 2, "batch_size": 8, "checkpoint_every": 2},
-        "finetune_filter": {"steps": 2, "batch_size": 8, "checkpoint_every": 2},
+        "finetune_captioner": FINETUNE,
+        "finetune_filter": FINETUNE,
         "capfilt": {"batch_size": 8, "sampling": {"max_length": 12, "min_length": 6}},
     }
     path = tmp_path / "pipeline.yaml"

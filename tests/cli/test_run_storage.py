@@ -18,7 +18,8 @@ PIPELINE = {
     "model": {"preset": "tiny", "vision": {"image_size": 32, "patch_size": 16, "width": 64, "layers": 1, "heads": 2,
                                            "mlp_dim": 128},
               "text": {"width": 64, "layers": 1, "heads": 2, "mlp_dim": 128}, "embed_dim": 32, "queue_size": 0},
-    "pretrain": {"steps": 3, "batch_size": 8, "warmup_steps": 1, "checkpoint_every": 2},
+    # In the driver: Ray Train workers on a stage in the bucket are tests/stages/test_pretrain.py's.
+    "pretrain": {"steps": 3, "batch_size": 8, "warmup_steps": 1, "checkpoint_every": 2, "train_in_driver": True},
     "evaluate": {"k_test": 4, "batch_size": 16, "sampling": {"max_length": 12, "min_length": 6}},
 }
 

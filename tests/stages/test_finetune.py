@@ -8,8 +8,9 @@ import torch
 from capfilt.config import CaptionerTrainConfig, FilterTrainConfig, ImageConfig, MedConfig, PairSource, ReaderConfig
 from capfilt.stages.finetune import run_finetune_captioner, run_finetune_filter
 
+# In the driver (train_in_driver): these tests are about what each fine-tune makes, not Ray Train's workers.
 SMALL = {"image": ImageConfig(hflip_p=0.0), "steps": 3, "batch_size": 8, "lr": 1e-3, "checkpoint_every": 3,
-         "log_every": 1}
+         "log_every": 1, "train_in_driver": True}
 
 
 @pytest.fixture(scope="module")

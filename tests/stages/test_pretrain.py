@@ -248,7 +248,8 @@ def test_pairs_that_cannot_be_used_in_training_are_counted_and_replaced(ray_clus
                   for path in shards.glob("*.parquet"))
     assert corrupt == 2
     sources = [PairSource(kind="shards", role="web", reader=ReaderConfig(paths=str(shards / "*.parquet")))]
-    train = _train(steps=6, checkpoint_every=6, max_bad_fraction=0.5, shuffle_shards=3)
+    # In the driver: bad pairs are met by the decoding tasks, wherever the rank runs.
+    train = _train(steps=6, checkpoint_every=6, max_bad_fraction=0.5, shuffle_shards=3, train_in_driver=True)
     out_dir = tmp_path / "pretrain"
     index = index_pairs(sources, str(out_dir))  # the stage reuses it: the shard goes missing after indexing
     assert index["total"] == 36 - 2  # two rows failed to download; the corrupt ones are met in training
@@ -276,7 +277,8 @@ def test_pairs_that_cannot_be_used_in_training_are_counted_and_replaced(ray_clus
     (tmp_path / "strict").mkdir()
     shutil.copy(out_dir / PAIRS_INDEX, tmp_path / "strict" / PAIRS_INDEX)
     with pytest.raises(Exception, match="of the 34 pairs could not be used.*max_bad_fraction 0.1 allows"):
-        run_pretrain(_train(steps=6, checkpoint_every=6, max_bad_fraction=0.1, shuffle_shards=3), _model(),
+        run_pretrain(_train(steps=6, checkpoint_every=6, max_bad_fraction=0.1, shuffle_shards=3, train_in_driver=True),
+                     _model(),
                      tokenizer_dir, sources, str(tmp_path / "strict"), log=lambda _: None)
 
 
@@ -398,3 +400,57 @@ def test_a_training_worker_lost_mid_run_restarts_from_the_last_checkpoint(killed
     # The restarted run trains the same samples in each step: the steps both ran agree exactly.
     overlap = [step for step in killed["losses"] if step > starts[2]]
     assert overlap and all(losses[step] == pytest.approx(killed["losses"][step], abs=1e-5) for step in overlap)
+
+
+def test_training_in_the_driver_trains_the_same_steps_and_resumes_after_the_driver_is_killed(
+        killed_twice, small_world, tokenizer_dir, tmp_path):
+    """train_in_driver (Ray Train's local mode): no worker process, the same losses step for step as the
+    Ray Train worker of killed_twice (same data, same draws), checkpoints in the stage directory, and a
+    driver killed past one resumes from it."""
+    import torch
+
+    train = _train(checkpoint_every=TWICE_EVERY, train_in_driver=True)
+    out_dir = tmp_path / "pretrain"
+    args = {"train": train.model_dump(mode="json"), "model": _model().model_dump(mode="json"),
+            "tokenizer_dir": tokenizer_dir, "sources": [s.model_dump(mode="json") for s in _sources(small_world)],
+            "out_dir": str(out_dir)}
+    (tmp_path / "args.json").write_text(json.dumps(args))
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "args.json")], cwd=Path.cwd(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    log_path = out_dir / "train_log.jsonl"
+    try:
+        _wait_for(lambda: max(_losses(read_log(str(log_path))), default=0) >= 2 * TWICE_EVERY + 3, child, 240,
+                  "training past the second checkpoint")
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait(timeout=30)
+    killed = read_log(str(log_path))
+    attempt = out_dir / "checkpoints" / "attempt-000"
+    kept = sorted(path.name for path in attempt.iterdir() if path.name.startswith("step_"))
+    assert 1 <= len(kept) <= train.keep_checkpoints and f"step_{2 * TWICE_EVERY:08d}" in kept, kept
+
+    threads = torch.get_num_threads()
+    messages: list[str] = []
+    result = run_pretrain(train, _model(), tokenizer_dir, _sources(small_world), str(out_dir), log=messages.append)
+    assert torch.get_num_threads() == threads  # the loop's own thread count is not left on the caller
+    records = read_log(str(log_path))
+    # Both runs trained in their driver's process: the child's, then this one.
+    assert [r["pid"] for r in records if r.get("event") == "worker"] == [child.pid, os.getpid()]
+    assert "[pretrain] rank 0 on cpu (in the driver): fp32, 1 torch threads" in messages
+    resumed = result["resumed_from_step"]
+    assert resumed is not None and resumed >= 2 * TWICE_EVERY and resumed % TWICE_EVERY == 0
+    assert any(f"resuming from step {resumed}" in message for message in messages)
+    losses = _losses(records)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    # The Ray Train worker's run of the same settings (train_in_driver is a runtime setting): step for step.
+    worker_losses = _losses(killed_twice["records"])
+    assert all(losses[step] == pytest.approx(worker_losses[step], abs=1e-5) for step in range(1, STEPS + 1))
+    assert all(losses[step] == pytest.approx(loss, abs=1e-5) for step, loss in _losses(killed).items())
+    assert Path(result["med"]).is_dir() and not (out_dir / "checkpoints").exists()
+
+
+def test_training_in_the_driver_takes_one_rank():
+    with pytest.raises(ValueError, match="train_in_driver trains one rank, in the driver; workers is 2"):
+        _train(workers=2, train_in_driver=True)
