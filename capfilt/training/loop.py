@@ -24,6 +24,7 @@ runs a worker. The driver follows ``train_log.jsonl`` and passes each record to 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -494,7 +495,8 @@ def _run_attempt(job: TrainJob, med_config: MedConfig, use_gpu: bool, root: Path
                                "resumed_from": found[1] if found else None}])
     where = f"{job.remote_url.rstrip('/')}/{CHECKPOINTS_DIR}" if job.remote_url else root / attempt
     log(f"[{job.name}] {'resuming from step ' + str(start_step) if found else 'starting'}: "
-        f"{config.steps} steps of {config.batch_size} pairs on {config.workers} worker(s)"
+        f"{config.steps} steps of {config.batch_size} pairs "
+        f"{'in the driver' if config.train_in_driver else f'on {config.workers} worker(s)'}"
         f"{' with GPUs' if use_gpu else ''}; checkpoints in {where}")
 
     udf_kwargs = {"tokenizer_dir": str(job.tokenizer_dir), "image_size": med_config.vision.image_size,
@@ -520,6 +522,9 @@ def _run_attempt(job: TrainJob, med_config: MedConfig, use_gpu: bool, root: Path
         checkpoint_dir=str(root / attempt) if config.train_in_driver and not job.remote_url else None,
         storage_options=job.storage_options,
     )
+    if config.train_in_driver:
+        for name in _LOCAL_MODE_CHATTER:
+            logging.getLogger(name).setLevel(logging.WARNING)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=asdict(spec),
@@ -546,6 +551,12 @@ def _run_attempt(job: TrainJob, med_config: MedConfig, use_gpu: bool, root: Path
             ray.util.remove_placement_group(held)
         ray.kill(cache)
         ray.kill(records)
+
+
+# In local mode Ray Train logs its start, the model's device and every report at INFO on the driver's
+# console, between capfilt's own progress lines that say the same.
+_LOCAL_MODE_CHATTER = ("ray.train.v2.api.config", "ray.train.v2._internal.execution.train_fn_utils",
+                       "ray.train.torch.train_loop_utils")
 
 
 def _hold_driver_cpus(config: TrainConfig, use_gpu: bool):

@@ -441,7 +441,8 @@ def test_training_in_the_driver_trains_the_same_steps_and_resumes_after_the_driv
     assert "[pretrain] rank 0 on cpu (in the driver): fp32, 1 torch threads" in messages
     resumed = result["resumed_from_step"]
     assert resumed is not None and resumed >= 2 * TWICE_EVERY and resumed % TWICE_EVERY == 0
-    assert any(f"resuming from step {resumed}" in message for message in messages)
+    assert any(f"resuming from step {resumed}: {STEPS} steps of 8 pairs in the driver" in message
+               for message in messages), messages
     losses = _losses(records)
     assert sorted(losses) == list(range(1, STEPS + 1))
     # The Ray Train worker's run of the same settings (train_in_driver is a runtime setting): step for step.
