@@ -376,10 +376,12 @@ def check_job(job: TrainJob, cluster: dict[str, float]) -> tuple[MedConfig, bool
     if "itc" in config.objectives and med_config.queue_size and med_config.queue_size % global_micro:
         raise ValueError(f"the ITC queue ({med_config.queue_size}) must be a multiple of the global micro-batch "
                          f"{global_micro} (batch_size {config.batch_size} / grad_accumulation {config.grad_accumulation})")
-    gpus = cluster.get("GPU", 0.0)
+    # Trained in the driver, the rank's GPU is the one torch sees in this process, not the cluster's.
+    gpus = float(torch.cuda.is_available()) if config.train_in_driver else cluster.get("GPU", 0.0)
     use_gpu = gpus >= config.workers if config.use_gpu == "auto" else bool(config.use_gpu)
     if use_gpu and gpus < config.workers:
-        raise ValueError(f"use_gpu: {config.workers} workers need a GPU each; the cluster has {gpus:g}")
+        where = "the driver's process sees none" if config.train_in_driver else f"the cluster has {gpus:g}"
+        raise ValueError(f"use_gpu: {config.workers} workers need a GPU each; {where}")
     # Training in the driver still holds its CPUs (a placement group in _run_attempt) so decoding cannot take them.
     cpus_needed = config.workers * config.cpus_per_worker + config.data_cpus
     if cluster.get("CPU", 0.0) < cpus_needed:
@@ -541,9 +543,11 @@ def _run_attempt(job: TrainJob, med_config: MedConfig, use_gpu: bool, root: Path
             failure_config=ray.train.FailureConfig(max_failures=0),
         ),
     )
-    held = _hold_driver_cpus(config, use_gpu) if config.train_in_driver else None
+    held = None
     threads = torch.get_num_threads()  # the loop sets its own; in the driver, give the caller's back
     try:
+        if config.train_in_driver:
+            held = _hold_driver_cpus(config, use_gpu)
         _fit_following(trainer, log_path, offset, job.name, config.steps, log)
     finally:
         torch.set_num_threads(threads)

@@ -109,6 +109,29 @@ def _losses(records) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
+def _pretrain_in_a_child_killed_past(step: int, train: TrainConfig, world, tokenizer_dir: str,
+                                     tmp_path: Path) -> tuple[Path, int]:
+    """The pretrain stage in a child process (CHILD), SIGKILLed once it has trained past ``step``;
+    returns its stage directory and the child's pid."""
+    out_dir = tmp_path / "pretrain"
+    args = {"train": train.model_dump(mode="json"), "model": _model().model_dump(mode="json"),
+            "tokenizer_dir": tokenizer_dir, "sources": [s.model_dump(mode="json") for s in _sources(world)],
+            "out_dir": str(out_dir)}
+    (tmp_path / "args.json").write_text(json.dumps(args))
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "args.json")], cwd=Path.cwd(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    log_path = out_dir / "train_log.jsonl"
+    try:
+        _wait_for(lambda: max(_losses(read_log(str(log_path))), default=0) >= step, child, 240,
+                  f"training past step {step}")
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait(timeout=30)
+    return out_dir, child.pid
+
+
 def _kill_the_worker_past_a_checkpoint_of_this_run(log_path: Path, killed: dict) -> None:
     """SIGKILL the Ray Train worker once the run that last started has trained 3 steps past a checkpoint."""
     deadline = time.time() + 240
@@ -135,23 +158,10 @@ def killed_twice(ray_cluster, small_world, tokenizer_dir, tmp_path_factory):
     import threading
 
     tmp_path = tmp_path_factory.mktemp("killed-twice")
-    out_dir = tmp_path / "pretrain"
-    args = {"train": _train(checkpoint_every=TWICE_EVERY).model_dump(mode="json"), "model": _model().model_dump(mode="json"),
-            "tokenizer_dir": tokenizer_dir, "sources": [s.model_dump(mode="json") for s in _sources(small_world)],
-            "out_dir": str(out_dir)}
-    (tmp_path / "args.json").write_text(json.dumps(args))
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "args.json")], cwd=Path.cwd(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    # Kill the driver once it has trained past its first checkpoint.
+    out_dir, _ = _pretrain_in_a_child_killed_past(TWICE_EVERY + 3, _train(checkpoint_every=TWICE_EVERY), small_world,
+                                                  tokenizer_dir, tmp_path)
     log_path = out_dir / "train_log.jsonl"
-    try:
-        # Kill the driver once it has trained past its first checkpoint.
-        _wait_for(lambda: max(_losses(read_log(str(log_path))), default=0) >= TWICE_EVERY + 3, child, 240,
-                  "training past the first checkpoint")
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        if child.poll() is None:
-            child.kill()
-        child.wait(timeout=30)
     # The dead driver's Ray workers outlive it by a moment; let them go before the rerun (which would
     # stop them anyway: see capfilt.training.checkpoint.CURRENT_FILE).
     _wait_until_quiet(log_path, seconds=3.0, timeout_s=60)
@@ -410,22 +420,9 @@ def test_training_in_the_driver_trains_the_same_steps_and_resumes_after_the_driv
     import torch
 
     train = _train(checkpoint_every=TWICE_EVERY, train_in_driver=True)
-    out_dir = tmp_path / "pretrain"
-    args = {"train": train.model_dump(mode="json"), "model": _model().model_dump(mode="json"),
-            "tokenizer_dir": tokenizer_dir, "sources": [s.model_dump(mode="json") for s in _sources(small_world)],
-            "out_dir": str(out_dir)}
-    (tmp_path / "args.json").write_text(json.dumps(args))
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "args.json")], cwd=Path.cwd(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    out_dir, child_pid = _pretrain_in_a_child_killed_past(2 * TWICE_EVERY + 3, train, small_world, tokenizer_dir,
+                                                          tmp_path)
     log_path = out_dir / "train_log.jsonl"
-    try:
-        _wait_for(lambda: max(_losses(read_log(str(log_path))), default=0) >= 2 * TWICE_EVERY + 3, child, 240,
-                  "training past the second checkpoint")
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        if child.poll() is None:
-            child.kill()
-        child.wait(timeout=30)
     killed = read_log(str(log_path))
     attempt = out_dir / "checkpoints" / "attempt-000"
     kept = sorted(path.name for path in attempt.iterdir() if path.name.startswith("step_"))
@@ -437,7 +434,7 @@ def test_training_in_the_driver_trains_the_same_steps_and_resumes_after_the_driv
     assert torch.get_num_threads() == threads  # the loop's own thread count is not left on the caller
     records = read_log(str(log_path))
     # Both runs trained in their driver's process: the child's, then this one.
-    assert [r["pid"] for r in records if r.get("event") == "worker"] == [child.pid, os.getpid()]
+    assert [r["pid"] for r in records if r.get("event") == "worker"] == [child_pid, os.getpid()]
     assert "[pretrain] rank 0 on cpu (in the driver): fp32, 1 torch threads" in messages
     resumed = result["resumed_from_step"]
     assert resumed is not None and resumed >= 2 * TWICE_EVERY and resumed % TWICE_EVERY == 0

@@ -98,3 +98,10 @@ def test_impossible_settings_fail_before_any_worker_starts(tmp_path):
         check_job(job(batch_size=8, use_gpu=True), {"CPU": 2.0})
     with pytest.raises(ValueError, match="max_text_length 80 exceeds"):
         check_job(job(batch_size=8, max_text_length=80), {"CPU": 2.0})
+    # Trained in the driver the GPU is this process's, whatever the cluster has.
+    here = torch.cuda.is_available()
+    assert check_job(job(batch_size=8, train_in_driver=True), {"CPU": 2.0, "GPU": 1.0})[1] is here
+    assert check_job(job(batch_size=8, train_in_driver=True), {"CPU": 2.0})[1] is here
+    if not here:
+        with pytest.raises(ValueError, match="need a GPU each; the driver's process sees none"):
+            check_job(job(batch_size=8, use_gpu=True, train_in_driver=True), {"CPU": 2.0, "GPU": 1.0})
