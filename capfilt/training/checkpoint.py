@@ -89,17 +89,15 @@ def _attempts(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _whole_in(attempt: Path) -> list[tuple[int, Path]]:
+    """The complete checkpoints of one attempt directory as (step, directory)."""
+    return [(int(state["step"]), path) for path in attempt.iterdir()
+            if _STEP.match(path.name) and path.is_dir() and (state := read_state(path)) is not None]
+
+
 def checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     """Every complete checkpoint under ``root`` as (step, directory), oldest first."""
-    found = []
-    for _, attempt in _attempts(Path(root)):
-        for path in attempt.iterdir():
-            match = _STEP.match(path.name)
-            if match and path.is_dir():
-                state = read_state(path)
-                if state is not None:
-                    found.append((int(state["step"]), path))
-    return sorted(found)
+    return sorted(found for _, attempt in _attempts(Path(root)) for found in _whole_in(attempt))
 
 
 def latest(root: str | Path) -> tuple[int, Path] | None:
@@ -156,9 +154,7 @@ def install(directory: str | Path, attempt_dir: Path, step: int, keep: int) -> P
     files = sorted(path.name for path in Path(directory).iterdir() if path.name != STATE_FILE)
     for name in [*files, STATE_FILE]:
         shutil.copyfile(Path(directory) / name, target / name)
-    whole = sorted((int(state["step"]), path) for path in attempt_dir.iterdir()
-                   if _STEP.match(path.name) and (state := read_state(path)) is not None)
-    for _, older in whole[:-keep]:
+    for _, older in sorted(_whole_in(attempt_dir))[:-keep]:
         shutil.rmtree(older, ignore_errors=True)
     return target
 
