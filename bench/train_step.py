@@ -55,17 +55,21 @@ def _batch(config, batch_size: int, text_length: int, vocab_size: int, device) -
     return {name: value.to(device) for name, value in batch.items()}
 
 
-def measure(size: str, precision: str, threads: int, objectives: tuple[str, ...], args, device) -> dict[str, Any]:
+def measure(size: str, precision: str, threads: int, objectives: tuple[str, ...], adamw_kind: str, args,
+            device) -> dict[str, Any]:
     import torch
 
     from capfilt.training.loop import train_step
+    from capfilt.training.optim import adamw, param_groups
     from capfilt.training.precision import autocast_for
 
     if threads:
         torch.set_num_threads(threads)
     model, config = _model(size, args.vocab_size, device)
     batch = _batch(config, args.batch_size, args.text_length, args.vocab_size, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # Training's own optimiser (capfilt.training.optim.adamw), or AdamW's per-tensor loop to compare.
+    groups = param_groups(model, weight_decay=0.05)
+    optimizer = adamw(groups, 1e-4) if adamw_kind == "fused" else torch.optim.AdamW(groups, lr=1e-4, foreach=False)
     autocast = autocast_for(device, PRECISIONS[precision])
 
     def step() -> dict:
@@ -101,6 +105,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3, help="rounds over all configurations")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
+    parser.add_argument("--adamw", default="fused", help="comma separated, of fused (training's) and loop "
+                        "(torch's per-tensor AdamW)")
     args = parser.parse_args(argv)
 
     import torch
@@ -113,6 +119,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = sorted(set(precisions) - set(PRECISIONS))
     if unknown:
         parser.error(f"--precisions: unknown {unknown}; choose from {sorted(PRECISIONS)}")
+    adamw_kinds = [name.strip() for name in args.adamw.split(",")]
+    if set(adamw_kinds) - {"fused", "loop"}:
+        parser.error(f"--adamw: unknown {sorted(set(adamw_kinds) - {'fused', 'loop'})}; choose from fused, loop")
     thread_counts = [int(count) for count in args.threads.split(",")]
     objectives = tuple(name.strip() for name in args.objectives.split(","))
     load_before = common.load_average()
@@ -120,8 +129,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for _ in range(args.repeats):
         for threads in thread_counts:
             for precision in precisions:
-                rounds.setdefault(f"{precision}_threads{threads}", []).append(
-                    measure(args.size, precision, threads, objectives, args, device))
+                for adamw_kind in adamw_kinds:
+                    name = f"{precision}_threads{threads}" + ("" if adamw_kind == "fused" else "_adamw_loop")
+                    rounds.setdefault(name, []).append(
+                        measure(args.size, precision, threads, objectives, adamw_kind, args, device))
     results = {}
     for name, runs in rounds.items():
         rates = [run["steps_per_s"] for run in runs]
@@ -135,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fp32, bf16 = results.get(f"fp32_threads{threads}"), results.get(f"bf16_threads{threads}")
         if fp32 and bf16:
             speedups[f"threads{threads}"] = round(bf16["steps_per_s_median"] / fp32["steps_per_s_median"], 3)
+    fused_speedups = {name: round(results[name]["steps_per_s_median"] / results[name + "_adamw_loop"]["steps_per_s_median"], 3)
+                      for name in results if name + "_adamw_loop" in results}
     load = common.load_average()
     result = {
         "benchmark": "train_step",
@@ -145,9 +158,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "text_length": args.text_length, "vocab_size": args.vocab_size, "steps": args.steps,
                      "warmup": args.warmup, "repeats": args.repeats, "threads": thread_counts,
                      "objectives": list(objectives),
-                     "precisions": precisions},
+                     "precisions": precisions, "adamw": adamw_kinds},
         "results": results,
         "bf16_over_fp32": speedups,
+        "fused_adamw_over_loop": fused_speedups,
         "ray_imported": "ray" in sys.modules,
         "load_average_before_after": [load_before, load],
         "warning": common.busy_warning(max(load_before, load)),

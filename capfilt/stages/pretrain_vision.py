@@ -172,6 +172,7 @@ def train_classifier(config: VisionPretrainConfig, vision: VisionConfig, data: L
     Batches are a fresh permutation of the training images per epoch, seeded by (seed, epoch).
     """
     from capfilt.training.data import derived_seed
+    from capfilt.training.optim import adamw
     from capfilt.training.precision import autocast_for, precision_name
 
     torch.set_num_threads(max(1, math.ceil(config.cpus)))
@@ -184,8 +185,8 @@ def train_classifier(config: VisionPretrainConfig, vision: VisionConfig, data: L
     model = timm_vit(vision, len(data.classes), config.pool).to(device)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "pos_embed" in n]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    optimizer = adamw([{"params": decay, "weight_decay": config.weight_decay},
+                       {"params": no_decay, "weight_decay": 0.0}], config.lr)
     autocast = autocast_for(device, config.mixed_precision, vision.width)
     count, batch = len(train_pixels), min(config.batch_size, len(train_pixels))
     per_epoch = count // batch

@@ -255,7 +255,7 @@ def train_loop_per_worker(spec_dict: dict) -> None:
 
     from capfilt.data.text import load_tokenizer
     from capfilt.models.med import alpha_at
-    from capfilt.training.optim import lr_at, make_optimizer
+    from capfilt.training.optim import load_state, lr_at, make_optimizer
     from capfilt.training.store import fetch, upload_checkpoint
 
     records = ray.get_actor(spec.records)
@@ -271,7 +271,7 @@ def train_loop_per_worker(spec_dict: dict) -> None:
     )
     optimizer = make_optimizer(med, config)
     if spec.resume:
-        optimizer.load_state_dict(ckpt.load_optimizer_state(fetch(spec.resume, spec.storage_options), device))
+        load_state(optimizer, ckpt.load_optimizer_state(fetch(spec.resume, spec.storage_options), device))
     autocast = autocast_for(device, config.mixed_precision, min(med.config.vision.width, med.config.text.width))
     prompt_length = prompt_length_of(tokenizer, config.prompt)
     if rank == 0:

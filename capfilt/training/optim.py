@@ -43,8 +43,28 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel where every parameter is a float tensor on a CPU or CUDA device.
+
+    The default (one loop over the tensors) took 10-12 ms of the demo MED's ~320 ms CPU step; the fused
+    kernel 3.3 ms (bench/README.md). Its state dict is the same, so checkpoints resume either way.
+    """
+    params = [param for group in groups for param in group["params"]]
+    fused = bool(params) and all(param.is_floating_point() and param.device.type in ("cpu", "cuda") for param in params)
+    return torch.optim.AdamW(groups, lr=lr, fused=fused)
+
+
+def load_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """A checkpoint's optimiser state into ``optimizer``, which keeps its own kernel (fused or not):
+    ``load_state_dict`` would take the saved run's, and that belongs to the machine the run was on."""
+    kernels = [(group.get("fused"), group.get("foreach")) for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, (fused, foreach) in zip(optimizer.param_groups, kernels):
+        group["fused"], group["foreach"] = fused, foreach
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, config.weight_decay), lr=lr_at(0, config))
+    return adamw(param_groups(model, config.weight_decay), lr_at(0, config))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

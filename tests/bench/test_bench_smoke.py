@@ -140,10 +140,10 @@ def test_gpu_benchmark_runs_tiny_on_cpu_without_ray():
 
 def test_train_step_benchmark_times_each_precision_and_thread_count_without_ray():
     result = _run_script("train_step.py", "--size", "test", "--steps", "2", "--warmup", "1", "--repeats", "2",
-                         "--batch-size", "4", "--text-length", "8", "--threads", "1")
+                         "--batch-size", "4", "--text-length", "8", "--threads", "1", "--adamw", "fused,loop")
     assert result["benchmark"] == "train_step" and result["ray_imported"] is False
     _assert_machine(result["machine"])
-    assert set(result["results"]) == {"fp32_threads1", "bf16_threads1"}
+    assert set(result["results"]) == {"fp32_threads1", "bf16_threads1", "fp32_threads1_adamw_loop", "bf16_threads1_adamw_loop"}
     for entry in result["results"].values():
         assert len(entry["steps_per_s"]) == 2 and entry["steps_per_s_median"] > 0
         assert set(entry["first_step_losses"]) == {"loss", "loss_itc", "loss_itm", "loss_lm"}
@@ -151,6 +151,10 @@ def test_train_step_benchmark_times_each_precision_and_thread_count_without_ray(
     fp32, bf16 = (result["results"][f"{p}_threads1"]["first_step_losses"]["loss"] for p in ("fp32", "bf16"))
     assert bf16 == pytest.approx(fp32, rel=0.02)
     assert result["bf16_over_fp32"]["threads1"] > 0
+    # Training's fused AdamW and torch's per-tensor loop take the same steps.
+    fused, loop = (result["results"][name]["last_step_loss"] for name in ("fp32_threads1", "fp32_threads1_adamw_loop"))
+    assert fused == pytest.approx(loop, rel=1e-3)
+    assert set(result["fused_adamw_over_loop"]) == {"fp32_threads1", "bf16_threads1"}
 
 
 def test_peak_table_and_steady_state_rates():
