@@ -146,6 +146,7 @@ def test_train_step_benchmark_times_each_precision_and_thread_count_without_ray(
     assert set(result["results"]) == {"fp32_threads1", "bf16_threads1", "fp32_threads1_adamw_loop", "bf16_threads1_adamw_loop"}
     for entry in result["results"].values():
         assert len(entry["steps_per_s"]) == 2 and entry["steps_per_s_median"] > 0
+        assert 0 < entry["optimizer_ms_median"] < entry["ms_per_step_median"]
         assert set(entry["first_step_losses"]) == {"loss", "loss_itc", "loss_itm", "loss_lm"}
     # Same model, same batch: bf16 autocast moves the first step's loss by rounding only.
     fp32, bf16 = (result["results"][f"{p}_threads1"]["first_step_losses"]["loss"] for p in ("fp32", "bf16"))
