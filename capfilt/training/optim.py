@@ -46,8 +46,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
     """AdamW with torch's fused kernel where every parameter is a float tensor on a CPU or CUDA device.
 
-    The default (one loop over the tensors) took 10-12 ms of the demo MED's ~320 ms CPU step; the fused
-    kernel 3.3 ms (bench/README.md). Its state dict is the same, so checkpoints resume either way.
+    The default on a CPU (one loop over the tensors) takes 11 ms of the demo MED's ~245 ms pretraining
+    step, the fused kernel 2.8 ms (bench/README.md, section 8). The state dict is the same either way.
     """
     params = [param for group in groups for param in group["params"]]
     fused = bool(params) and all(param.is_floating_point() and param.device.type in ("cpu", "cuda") for param in params)

@@ -1,10 +1,13 @@
 """capfilt.training.precision: where ``mixed_precision: auto`` means bf16."""
 
+import pytest
 import torch
 
 from capfilt.training.precision import CPU_BF16_MIN_WIDTH, autocast_for
 
 
+# The decision for a GPU is checked on machines without one, where torch warns that it would not autocast.
+@pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")
 def test_auto_precision_is_bf16_only_where_the_hardware_multiplies_bf16(monkeypatch):
     def kind(device, setting, width=None):
         context = autocast_for(torch.device(device), setting, width)
