@@ -131,8 +131,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
         parser.error(f"--precisions: unknown {unknown}; choose from {sorted(PRECISIONS)}")
     adamw_kinds = [name.strip() for name in args.adamw.split(",")]
-    if set(adamw_kinds) - {"fused", "loop"}:
-        parser.error(f"--adamw: unknown {sorted(set(adamw_kinds) - {'fused', 'loop'})}; choose from fused, loop")
+    unknown = sorted(set(adamw_kinds) - {"fused", "loop"})
+    if unknown:
+        parser.error(f"--adamw: unknown {unknown}; choose from fused, loop")
     thread_counts = [int(count) for count in args.threads.split(",")]
     objectives = tuple(name.strip() for name in args.objectives.split(","))
     load_before = common.load_average()

@@ -49,8 +49,8 @@ def adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
     The default on a CPU (one loop over the tensors) takes 11 ms of the demo MED's ~245 ms pretraining
     step, the fused kernel 2.8 ms (bench/README.md, section 8). The state dict is the same either way.
     """
-    params = [param for group in groups for param in group["params"]]
-    fused = bool(params) and all(param.is_floating_point() and param.device.type in ("cpu", "cuda") for param in params)
+    fused = all(param.is_floating_point() and param.device.type in ("cpu", "cuda")
+                for group in groups for param in group["params"])
     return torch.optim.AdamW(groups, lr=lr, fused=fused)
 
 
