@@ -8,6 +8,11 @@ spreads over all of them; each round builds the model afresh from one seed.
 
     python bench/train_step.py                        # the demo's MED (48 px ViT/16, 3-layer 128-wide text)
     python bench/train_step.py --size base --device cuda --threads 0 --batch-size 64
+    python bench/train_step.py --precisions bf16 --threads 2 --thread caller,second
+
+``--thread second`` times the step in a new thread after the main thread has used torch, which is how
+``train_in_driver`` trained before it kept training in the caller's thread: torch's OpenMP pool is per
+thread, and with two pools in the process libgomp stops spinning between parallel regions.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import threading
 import time
 from typing import Any
 
@@ -102,6 +108,21 @@ def measure(size: str, precision: str, threads: int, objectives: tuple[str, ...]
             "last_step_loss": round(float(last["loss"]), 5)}
 
 
+def _measure_in(placement: str, *args) -> dict[str, Any]:
+    if placement == "caller":
+        return measure(*args)
+    import torch
+
+    torch.ones(256, 256) @ torch.ones(256, 256)  # the main thread's pool exists, as in a pipeline's driver
+    found: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: found.update(measure(*args)))
+    thread.start()
+    thread.join()
+    if not found:
+        raise RuntimeError("the second thread's measurement failed (its traceback is above)")
+    return found
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="demo", choices=sorted(SIZES))
@@ -118,6 +139,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
     parser.add_argument("--adamw", default="fused", help="comma separated, of fused (training's) and loop "
                         "(torch's per-tensor AdamW)")
+    parser.add_argument("--thread", default="caller", help="comma separated, of caller (training's) and second "
+                        "(a new thread, the main one having used torch)")
     args = parser.parse_args(argv)
 
     import torch
@@ -134,6 +157,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = sorted(set(adamw_kinds) - {"fused", "loop"})
     if unknown:
         parser.error(f"--adamw: unknown {unknown}; choose from fused, loop")
+    placements = [name.strip() for name in args.thread.split(",")]
+    unknown = sorted(set(placements) - {"caller", "second"})
+    if unknown:
+        parser.error(f"--thread: unknown {unknown}; choose from caller, second")
     thread_counts = [int(count) for count in args.threads.split(",")]
     objectives = tuple(name.strip() for name in args.objectives.split(","))
     load_before = common.load_average()
@@ -142,9 +169,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for threads in thread_counts:
             for precision in precisions:
                 for adamw_kind in adamw_kinds:
-                    name = f"{precision}_threads{threads}" + ("" if adamw_kind == "fused" else "_adamw_loop")
-                    rounds.setdefault(name, []).append(
-                        measure(args.size, precision, threads, objectives, adamw_kind, args, device))
+                    for placement in placements:
+                        name = (f"{precision}_threads{threads}" + ("" if adamw_kind == "fused" else "_adamw_loop")
+                                + ("" if placement == "caller" else "_second_thread"))
+                        rounds.setdefault(name, []).append(_measure_in(
+                            placement, args.size, precision, threads, objectives, adamw_kind, args, device))
     results = {}
     for name, runs in rounds.items():
         rates = [run["steps_per_s"] for run in runs]
@@ -161,6 +190,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             speedups[f"threads{threads}"] = round(bf16["steps_per_s_median"] / fp32["steps_per_s_median"], 3)
     fused_speedups = {name: round(results[name]["steps_per_s_median"] / results[name + "_adamw_loop"]["steps_per_s_median"], 3)
                       for name in results if name + "_adamw_loop" in results}
+    second_thread_slowdowns = {
+        name: round(results[name]["steps_per_s_median"] / results[name + "_second_thread"]["steps_per_s_median"], 3)
+        for name in results if name + "_second_thread" in results}
     load = common.load_average()
     result = {
         "benchmark": "train_step",
@@ -171,10 +203,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "text_length": args.text_length, "vocab_size": args.vocab_size, "steps": args.steps,
                      "warmup": args.warmup, "repeats": args.repeats, "threads": thread_counts,
                      "objectives": list(objectives),
-                     "precisions": precisions, "adamw": adamw_kinds},
+                     "precisions": precisions, "adamw": adamw_kinds, "thread": placements},
         "results": results,
         "bf16_over_fp32": speedups,
         "fused_adamw_over_loop": fused_speedups,
+        "caller_thread_over_second_thread": second_thread_slowdowns,
         "ray_imported": "ray" in sys.modules,
         "load_average_before_after": [load_before, load],
         "warning": common.busy_warning(max(load_before, load)),

@@ -105,3 +105,45 @@ def test_impossible_settings_fail_before_any_worker_starts(tmp_path):
     if not here:
         with pytest.raises(ValueError, match="need a GPU each; the driver's process sees none"):
             check_job(job(batch_size=8, use_gpu=True, train_in_driver=True), {"CPU": 2.0, "GPU": 1.0})
+
+
+class _Trainer:
+    """Stands in for Ray Train's trainer (this is a test of capfilt's thread layout, not of Ray Train):
+    its fit writes progress records, as the training loop does, and notes the thread it runs in."""
+
+    def __init__(self, log_path, fail: bool = False):
+        self.log_path, self.fail, self.thread = log_path, fail, None
+
+    def fit(self):
+        import json
+        import threading
+        import time
+
+        self.thread = threading.current_thread()
+        with open(self.log_path, "a", encoding="utf-8") as handle:
+            for step in (10, 20):
+                handle.write(json.dumps({"step": step, "loss": 1.0, "lr": 1e-4}) + "\n")
+                handle.flush()
+                time.sleep(0.6)  # the follower's look comes between the two records
+        if self.fail:
+            raise RuntimeError("worker lost")
+        return "result"
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_training_runs_in_the_callers_thread_and_every_progress_line_is_printed(tmp_path, fail):
+    # In the driver, torch's OpenMP pool is per thread: training in a second thread beside a main thread
+    # that has used torch made every demo step ~2x slower (README, "One thread for torch").
+    import threading
+
+    from capfilt.training.loop import _fit_following
+
+    trainer, lines = _Trainer(tmp_path / "train_log.jsonl", fail), []
+    if fail:
+        with pytest.raises(RuntimeError, match="worker lost"):
+            _fit_following(trainer, str(trainer.log_path), 0, "pretrain", 20, lines.append)
+    else:
+        assert _fit_following(trainer, str(trainer.log_path), 0, "pretrain", 20, lines.append) == "result"
+    assert trainer.thread is threading.current_thread()
+    assert [line.split(" loss")[0] for line in lines] == ["[pretrain] step 10/20", "[pretrain] step 20/20"]
+    assert not [thread for thread in threading.enumerate() if thread.name == "capfilt-train-log"]
