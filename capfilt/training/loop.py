@@ -408,7 +408,7 @@ def _fit_following(trainer, log_path: str, offset: int, name: str, total: int, l
     torch's OpenMP pool belongs to the thread that uses it: training in a second thread beside a main thread
     that has used torch puts two pools in the process, more pool threads than cores, and libgomp then stops
     spinning between parallel regions and wakes its threads for each op instead. The demo's step took
-    ~455 ms that way against ~235 ms in one thread (README, "One thread for torch").
+    334 ms that way against 204 ms in the caller's thread (bench/README.md section 8, "One thread for torch").
     """
     stop = threading.Event()
     failed: list[BaseException] = []
@@ -429,7 +429,9 @@ def _fit_following(trainer, log_path: str, offset: int, name: str, total: int, l
     finally:
         stop.set()
         follower.join()
-        if not failed:  # the records written since the follower's last look
+        if failed:
+            log(f"[{name}] progress lines stopped: {type(failed[0]).__name__}: {failed[0]}")
+        else:  # the records written since the follower's last look
             _emit_new(log_path, offset, name, total, log)
 
 

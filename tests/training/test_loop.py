@@ -133,7 +133,7 @@ class _Trainer:
 @pytest.mark.parametrize("fail", [False, True])
 def test_training_runs_in_the_callers_thread_and_every_progress_line_is_printed(tmp_path, fail):
     # In the driver, torch's OpenMP pool is per thread: training in a second thread beside a main thread
-    # that has used torch made every demo step ~2x slower (README, "One thread for torch").
+    # that has used torch made every demo step ~1.6x slower (bench/README.md section 8, "One thread for torch").
     import threading
 
     from capfilt.training.loop import _fit_following
@@ -147,3 +147,12 @@ def test_training_runs_in_the_callers_thread_and_every_progress_line_is_printed(
     assert trainer.thread is threading.current_thread()
     assert [line.split(" loss")[0] for line in lines] == ["[pretrain] step 10/20", "[pretrain] step 20/20"]
     assert not [thread for thread in threading.enumerate() if thread.name == "capfilt-train-log"]
+
+
+def test_a_broken_log_stops_the_progress_lines_not_the_training(tmp_path):
+    from capfilt.training.loop import _fit_following
+
+    trainer, lines = _Trainer(tmp_path / "train_log.jsonl"), []
+    trainer.log_path.write_text("not json\n")
+    assert _fit_following(trainer, str(trainer.log_path), 0, "pretrain", 20, lines.append) == "result"
+    assert len(lines) == 1 and lines[0].startswith("[pretrain] progress lines stopped: JSONDecodeError")
